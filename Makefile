@@ -1,0 +1,30 @@
+# distdrgn: the two ways in are `make demo` and `make test`; both set up .venv first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch; on a machine that already has a (GPU) torch in the
+# venv nothing is reinstalled.
+TORCH   ?= torch==2.13.0
+DEMO    ?= demo_out
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m distdrgn.demo --out $(DEMO)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

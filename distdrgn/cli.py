@@ -1,0 +1,65 @@
+"""The ``distdrgn`` command: a thin dispatcher over :mod:`distdrgn.commands`.
+
+Each subcommand lives in ``distdrgn/commands/<name>.py`` and defines ``add_args(parser)``
+and ``main(args)``; the modules are imported only when their command runs, so
+``distdrgn --help`` stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from distdrgn import __version__
+from distdrgn.errors import DistdrgnError
+
+# command name -> (module in distdrgn.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("simulate", "simulate a heterogeneous dataset with ground truth"),
+    "parse-poses": ("parse_poses", "parse poses from a RELION .star or cryoSPARC .cs into poses.pkl"),
+    "parse-ctf": ("parse_ctf", "parse CTF parameters from a .star or .cs into ctf.pkl"),
+    "ingest": ("ingest", "convert particle stacks, poses and CTF into a Zarr particle store"),
+    "store": ("store", "inspect, verify or export a particle store"),
+    "train": ("train", "train a cryoDRGN VAE (or homogeneous model) from a config file"),
+    "eval-vol": ("eval_vol", "evaluate volumes from a trained model at given latents"),
+    "encode": ("encode", "compute latents for the particles of a store with a trained model"),
+    "analyze": ("analyze", "PCA, k-means and representative volumes of a trained run"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distdrgn",
+        description="Heterogeneous cryo-EM reconstruction at scale (cryoDRGN's science, distributed).",
+    )
+    parser.add_argument("--version", action="version", version=f"distdrgn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only == name:  # only the command being run needs its module (and its imports)
+            mod = importlib.import_module(f"distdrgn.commands.{module}")
+            mod.add_args(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=name if name in COMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        result = args._main(args)
+    except DistdrgnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``distdrgn`` subcommand: ``add_args(parser)`` and ``main(args)``."""

@@ -1,0 +1,43 @@
+"""``distdrgn store info|verify|export``: inspect, check or convert a particle store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    p = sub.add_parser("info", help="print a JSON summary of a store")
+    p.add_argument("store")
+    p = sub.add_parser("verify", help="recompute checksums and check shapes, dtypes and finite values")
+    p.add_argument("store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("export", help="write a store's images (and poses/CTF) as .mrcs, .star or .cs")
+    p.add_argument("store")
+    p.add_argument("-o", "--out", required=True, help="OUT.mrcs, OUT.star (+ OUT.mrcs) or OUT.cs (+ OUT.mrcs)")
+    p.add_argument("--ind", help="pickle of store positions to export (in that order)")
+    p.add_argument("--level", type=int, help="box size to export (default: the full size)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "info":
+        from distdrgn.store.verify import info
+
+        print(json.dumps(info(args.store), indent=2))
+    elif args.action == "verify":
+        from distdrgn.store.verify import verify
+
+        result = verify(args.store, progress=not args.no_progress)
+        print(f"ok: {result['path']}: {result['n']} images, levels {result['levels']}, {result['chunks_checked']} chunks verified")
+    elif args.action == "export":
+        from distdrgn.store.export import export
+
+        written = export(args.store, args.out, ind=args.ind, level=args.level, force=args.force,
+                         progress=not args.no_progress)
+        for path in written:
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,182 @@
+"""``distdrgn store export``: a store (or a subset of it) back to .mrcs, RELION .star or cryoSPARC .cs.
+
+Images are streamed through :class:`distdrgn.formats.mrc.MrcStackWriter` one chunk at a
+time. For a .star/.cs target the stack is written beside it as ``OUT.mrcs`` and referenced by
+file name, so ``distdrgn ingest OUT.star`` (or ``OUT.cs``) reads it back: images are
+bit-identical for float32 stores; CTF values of a .star come back exactly (numbers are
+written as shortest round-trip decimals); poses go through Euler angles (.star) or rotation
+vectors (.cs) and come back to within float32 rounding, as do the .cs CTF angles (radians).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from distdrgn.errors import FormatError, StoreError
+from distdrgn.store.reader import ParticleStore
+
+
+def _load_positions(ind, n: int, label: str) -> np.ndarray:
+    if ind is None:
+        return np.arange(n, dtype=np.int64)
+    if isinstance(ind, (str, Path)):
+        path = Path(ind)
+        if not path.is_file():
+            raise FormatError(f"{path}: no such index file")
+        try:
+            with open(path, "rb") as f:
+                ind = pickle.load(f)
+        except Exception as exc:
+            raise FormatError(f"{path}: cannot read index pickle ({type(exc).__name__}: {exc})") from None
+        label = str(path)
+    arr = np.asarray(ind)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise FormatError(f"{label}: expected a non-empty 1-D array of integer indices")
+    if arr.min() < 0 or arr.max() >= n:
+        raise FormatError(f"{label}: indices must be in [0, {n}) for a store of {n} images")
+    return arr.astype(np.int64)
+
+
+def _write_stack(store: ParticleStore, positions: np.ndarray, path: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from distdrgn.formats.mrc import MrcStackWriter
+
+    batch = store.chunk_images
+    contiguous = np.array_equal(positions, np.arange(store.n))
+    with MrcStackWriter(path, len(positions), store.D, store.apix, np.float32) as writer:
+        for i in tqdm(range(0, len(positions), batch), desc="export", unit="chunk", disable=not progress):
+            if contiguous:
+                writer.write(store.read_chunk(i // batch))
+            else:
+                writer.write(store.images(positions[i : i + batch]))
+
+
+def _ctf_at_level(store: ParticleStore, positions: np.ndarray) -> np.ndarray | None:
+    """CTF rows of ``positions`` with box/pixel size of the exported images."""
+    if store.ctf is None:
+        return None
+    ctf = store.ctf[positions].astype(np.float64)
+    ctf[:, 1] = ctf[:, 1] * ctf[:, 0] / store.D
+    ctf[:, 0] = store.D
+    return ctf
+
+
+def _exact_text(values: np.ndarray, dtype) -> list[str]:
+    """Shortest decimal strings that parse back to exactly ``values`` in ``dtype``.
+
+    The star writer's fixed 6-decimal format would round e.g. a float32 defocus angle of
+    7.5603867 to 7.560387; strings are written verbatim, so the round trip stays exact.
+    """
+    values = np.asarray(values).astype(dtype)
+    return [np.format_float_positional(v, unique=True, trim="0") for v in values]
+
+
+def _star_tables(store: ParticleStore, positions: np.ndarray, stack_name: str):
+    import pandas as pd
+
+    from distdrgn.formats.poses import rot_to_euler
+
+    k = len(positions)
+    particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(k)]})
+    ctf = _ctf_at_level(store, positions)
+    apix = ctf[:, 1] if ctf is not None else np.full(k, store.apix if store.apix else 1.0)
+    if ctf is not None:
+        keys = np.stack([ctf[:, 1], ctf[:, 5], ctf[:, 6], ctf[:, 7]], axis=1)
+    else:
+        keys = apix[:, None]
+    uniq, group = np.unique(keys, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    optics = pd.DataFrame({
+        "rlnOpticsGroup": np.arange(1, len(uniq) + 1),
+        "rlnOpticsGroupName": [f"opticsGroup{g + 1}" for g in range(len(uniq))],
+        "rlnImagePixelSize": _exact_text(uniq[:, 0], np.float32),
+        "rlnImageSize": np.full(len(uniq), store.D),
+        "rlnImageDimensionality": np.full(len(uniq), 2),
+    })
+    if ctf is not None:
+        optics["rlnVoltage"] = _exact_text(uniq[:, 1], np.float32)
+        optics["rlnSphericalAberration"] = _exact_text(uniq[:, 2], np.float32)
+        optics["rlnAmplitudeContrast"] = _exact_text(uniq[:, 3], np.float32)
+    if store.poses is not None:
+        rots, trans = store.poses
+        euler = rot_to_euler(rots[positions])
+        particles["rlnAngleRot"] = _exact_text(euler[:, 0], np.float64)
+        particles["rlnAngleTilt"] = _exact_text(euler[:, 1], np.float64)
+        particles["rlnAnglePsi"] = _exact_text(euler[:, 2], np.float64)
+        shift_angst = trans[positions].astype(np.float64) * store.D * apix[:, None]
+        particles["rlnOriginXAngst"] = _exact_text(shift_angst[:, 0], np.float64)
+        particles["rlnOriginYAngst"] = _exact_text(shift_angst[:, 1], np.float64)
+    if ctf is not None:
+        for col, name in ((2, "rlnDefocusU"), (3, "rlnDefocusV"), (4, "rlnDefocusAngle"), (8, "rlnPhaseShift")):
+            particles[name] = _exact_text(ctf[:, col], np.float32)
+    particles["rlnOpticsGroup"] = group + 1
+    return particles, optics
+
+
+def _cs_array(store: ParticleStore, positions: np.ndarray, stack_name: str) -> np.ndarray:
+    from distdrgn.formats.poses import rot_to_axis_angle
+
+    k = len(positions)
+    fields = [("uid", "<u8"), ("blob/path", f"S{len(stack_name.encode()) + 1}"), ("blob/idx", "<u4"),
+              ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4")]
+    ctf = _ctf_at_level(store, positions)
+    if ctf is not None:
+        fields += [(f"ctf/{name}", "<f4") for name in
+                   ("accel_kv", "cs_mm", "amp_contrast", "df1_A", "df2_A", "df_angle_rad", "phase_shift_rad")]
+    if store.poses is not None:
+        fields += [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")]
+    arr = np.zeros(k, dtype=fields)
+    arr["uid"] = store.original_index[positions]
+    arr["blob/path"] = stack_name.encode()
+    arr["blob/idx"] = np.arange(k)
+    arr["blob/shape"] = store.D
+    apix = ctf[:, 1] if ctf is not None else np.full(k, store.apix if store.apix else 1.0)
+    arr["blob/psize_A"] = apix
+    if ctf is not None:
+        arr["ctf/df1_A"], arr["ctf/df2_A"] = ctf[:, 2], ctf[:, 3]
+        arr["ctf/df_angle_rad"] = np.deg2rad(ctf[:, 4])
+        arr["ctf/accel_kv"], arr["ctf/cs_mm"], arr["ctf/amp_contrast"] = ctf[:, 5], ctf[:, 6], ctf[:, 7]
+        arr["ctf/phase_shift_rad"] = np.deg2rad(ctf[:, 8])
+    if store.poses is not None:
+        rots, trans = store.poses
+        # cryoDRGN's rots are the transpose of cryoSPARC's rotation (CONVENTIONS.md)
+        arr["alignments3D/pose"] = rot_to_axis_angle(rots[positions].transpose(0, 2, 1))
+        arr["alignments3D/shift"] = trans[positions].astype(np.float64) * store.D
+        arr["alignments3D/psize_A"] = apix
+    return arr
+
+
+def export(store_path, out, *, ind=None, level: int | None = None, force: bool = False, progress: bool = True) -> list[Path]:
+    """Write the store's images at ``level`` (positions ``ind``, default all) to ``out``.
+
+    ``out`` ending in .mrcs/.mrc: the stack only. .star: ``OUT.mrcs`` + a RELION 3.1 star
+    with poses/CTF. .cs: ``OUT.mrcs`` + a cryoSPARC .cs with blob/, ctf/, alignments3D/
+    fields. Returns the files written.
+    """
+    from distdrgn.formats.cs import write_cs
+    from distdrgn.formats.star import write_star
+
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".mrcs", ".mrc", ".star", ".cs"):
+        raise FormatError(f"{out}: unknown output type {suffix or '(no extension)'!r}; expected .mrcs, .star or .cs")
+    store = ParticleStore.open(store_path, level)
+    positions = _load_positions(ind, store.n, "--ind")
+    stack = out if suffix in (".mrcs", ".mrc") else out.with_suffix(".mrcs")
+    targets = [stack] if stack == out else [stack, out]
+    for t in targets:
+        if t.exists() and not force:
+            raise StoreError(f"{t}: already exists; use --force to overwrite")
+    if not out.parent.is_dir():
+        raise StoreError(f"{out.parent}: output directory does not exist")
+    _write_stack(store, positions, stack, progress)
+    if suffix == ".star":
+        particles, optics = _star_tables(store, positions, stack.name)
+        write_star(out, particles, optics)
+    elif suffix == ".cs":
+        write_cs(out, _cs_array(store, positions, stack.name))
+    return targets

@@ -1,0 +1,166 @@
+"""Read-only access to a particle store, one level (box size) at a time.
+
+Opening reads only metadata (``zarr.json`` files); images are read chunk by chunk on
+demand, so any number of processes can open the same store concurrently and none of them
+holds the whole dataset in memory. Poses, CTF and original indices are small and loaded
+lazily on first access.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from distdrgn.errors import StoreError
+from distdrgn.store import layout as L
+
+
+def read_store_attrs(path: Path) -> dict:
+    """Group attributes of the store at ``path``; StoreError (one line) if it is not a complete store."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such particle store")
+    meta_file = path / "zarr.json"
+    if not path.is_dir() or not meta_file.is_file():
+        raise StoreError(f"{path}: not a particle store (no zarr.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: unreadable zarr.json ({exc})") from None
+    attrs = meta.get("attributes") or {}
+    if meta.get("node_type") != "group" or attrs.get("format") != L.FORMAT_NAME:
+        raise StoreError(f"{path}: not a {L.FORMAT_NAME} store (format attribute is {attrs.get('format')!r})")
+    if attrs.get("version") not in L.SUPPORTED_VERSIONS:
+        raise StoreError(f"{path}: store format version {attrs.get('version')} is not supported (this distdrgn reads {L.SUPPORTED_VERSIONS})")
+    if path.name.endswith(L.PARTIAL_SUFFIX) or attrs.get("complete") is not True:
+        raise StoreError(f"{path}: incomplete store (an ingest did not finish); re-run the ingest to resume it")
+    return attrs
+
+
+class ParticleStore:
+    """A complete particle store opened at one level (box size ``D``)."""
+
+    def __init__(self, path: Path, attrs: dict, level: int):
+        self.path = Path(path)
+        self.attrs = attrs
+        self.levels: list[int] = [int(d) for d in attrs["levels"]]
+        self.full_D = int(attrs["D"])
+        self.D = int(level)
+        self.n = int(attrs["n"])
+        self.dtype = np.dtype(attrs["dtype"])
+        full_apix = attrs.get("apix")
+        self.apix = None if full_apix is None else float(full_apix) * self.full_D / self.D
+        self._group = zarr.open_group(self.path, mode="r")
+        self._images = self._group[L.images_name(self.D, self.full_D)]
+        if self._images.shape != (self.n, self.D, self.D):
+            raise StoreError(f"{self.path}: images at box {self.D} have shape {self._images.shape}, expected {(self.n, self.D, self.D)}")
+        self.chunk_images = int(self._images.chunks[0])
+        self.n_chunks = -(-self.n // self.chunk_images)
+
+    @classmethod
+    def open(cls, path, level: int | None = None) -> "ParticleStore":
+        """Open a complete store; ``level`` is a box size from ``levels`` (default: the full size)."""
+        path = Path(path)
+        attrs = read_store_attrs(path)
+        levels = [int(d) for d in attrs["levels"]]
+        level = int(attrs["D"]) if level is None else int(level)
+        if level not in levels:
+            raise StoreError(f"{path}: no images at box size {level}; stored levels are {levels}")
+        try:
+            return cls(path, attrs, level)
+        except (KeyError, FileNotFoundError, ValueError) as exc:
+            raise StoreError(f"{path}: damaged store ({type(exc).__name__}: {exc})") from None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"ParticleStore({str(self.path)!r}, n={self.n}, D={self.D}, dtype={self.dtype.name}, levels={self.levels})"
+
+    def at_level(self, level: int) -> "ParticleStore":
+        """The same store opened at another box size."""
+        return ParticleStore.open(self.path, level)
+
+    # ---- images -------------------------------------------------------------------------
+    def chunk_range(self, chunk_id: int) -> tuple[int, int]:
+        """[start, stop) image positions of chunk ``chunk_id``."""
+        if not 0 <= chunk_id < self.n_chunks:
+            raise IndexError(f"chunk {chunk_id} out of range [0, {self.n_chunks})")
+        start = chunk_id * self.chunk_images
+        return start, min(self.n, start + self.chunk_images)
+
+    def read_chunk(self, chunk_id: int) -> np.ndarray:
+        """float32 (stop - start, D, D) images of one chunk, in one read."""
+        start, stop = self.chunk_range(chunk_id)
+        return np.asarray(self._images[start:stop], dtype=np.float32)
+
+    def raw_chunk(self, chunk_id: int) -> np.ndarray:
+        """A chunk's values in the stored dtype (what the checksums cover)."""
+        start, stop = self.chunk_range(chunk_id)
+        return np.asarray(self._images[start:stop])
+
+    def images(self, indices) -> np.ndarray:
+        """float32 (k, D, D) images at store positions ``indices``, in that order.
+
+        Each chunk holding a requested image is read once (only the span between its first
+        and last requested image); no other chunk is touched.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((idx.size, self.D, self.D), dtype=np.float32)
+        if idx.size == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= self.n:
+            raise IndexError(f"image positions must be in [0, {self.n})")
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        chunk_of = sorted_idx // self.chunk_images
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        for group in np.split(np.arange(idx.size), bounds):
+            lo, hi = int(sorted_idx[group[0]]), int(sorted_idx[group[-1]]) + 1
+            block = np.asarray(self._images[lo:hi], dtype=np.float32)
+            out[order[group]] = block[sorted_idx[group] - lo]
+        return out
+
+    # ---- metadata -----------------------------------------------------------------------
+    def _array(self, name: str) -> np.ndarray | None:
+        try:
+            arr = self._group[name]
+        except KeyError:
+            return None
+        return np.asarray(arr[...])
+
+    @cached_property
+    def poses(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rots (n, 3, 3) float32, trans (n, 2) float32 as a fraction of the box) or None."""
+        if not self.attrs.get("has_poses"):
+            return None
+        return self._array(L.ROTS), self._array(L.TRANS)
+
+    @cached_property
+    def ctf(self) -> np.ndarray | None:
+        """(n, 9) float32 in ctf.pkl layout, with the box and pixel size of the source images."""
+        if not self.attrs.get("has_ctf"):
+            return None
+        return self._array(L.CTF)
+
+    @cached_property
+    def original_index(self) -> np.ndarray:
+        """(n,) int64: the position of each stored image in the source particle list."""
+        return self._array(L.ORIGINAL_INDEX)
+
+    def norm(self, level: int | None = None) -> dict:
+        """{"mean", "std", "ht_std", "ht_std_nowindow", "n_sampled"} at ``level`` (default: this one)."""
+        level = self.D if level is None else int(level)
+        try:
+            return dict(self.attrs["norm"][str(level)])
+        except KeyError:
+            raise StoreError(f"{self.path}: no normalisation statistics at box size {level}; stored levels are {self.levels}") from None
+
+    def checksums(self, level: int | None = None) -> np.ndarray:
+        """(n_chunks,) uint32 crc32c of each chunk at ``level`` as recorded at ingest."""
+        level = self.D if level is None else int(level)
+        return self._array(L.checksum_name(level, self.full_D))

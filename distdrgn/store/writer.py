@@ -1,0 +1,412 @@
+"""``ingest``: particle stacks + poses + CTF -> a Zarr v3 particle store.
+
+How it stays safe and small:
+
+* Everything is written into ``STORE.zarr.partial`` beside the target; the last steps set
+  ``complete: true`` in the attributes and rename the directory to ``STORE.zarr``. A reader
+  refuses anything else.
+* The images are written by independent dask tasks, one per shard (all levels of an image
+  range share shard boundaries, so no two tasks touch the same file). A task reads only its
+  images from the source, checks they are finite, Fourier-crops them for lower levels,
+  writes them, and drops a small JSON record (chunk checksums, normalisation sums) into
+  ``progress/``. Peak memory is a few shards per worker, independent of the dataset size.
+* Re-running the same ingest on a leftover ``.partial`` skips shards that have a record.
+  The partial remembers the request (inputs' fingerprints and options); a different request
+  is refused unless ``force``.
+* A problem with the input (non-finite pixels, ...) found mid-way removes the partial;
+  an interruption or I/O error keeps it for resuming.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import pickle
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from distdrgn import __version__
+from distdrgn.errors import DistdrgnError, FormatError, StoreError
+from distdrgn.fft import downsample
+from distdrgn.store import layout as L
+from distdrgn.store.checksums import chunk_crc32c, crc32c_array, file_fingerprint
+from distdrgn.store.norm import combine, partial_sums, sample_positions
+
+
+def _load_ind(ind, n: int) -> tuple[np.ndarray, dict | None]:
+    """``ind`` (pickle path or int array) -> validated int64 positions, and its fingerprint."""
+    fp = None
+    if isinstance(ind, (str, os.PathLike)):
+        path = Path(ind)
+        if not path.is_file():
+            raise FormatError(f"{path}: no such index file")
+        try:
+            with open(path, "rb") as f:
+                arr = pickle.load(f)
+        except Exception as exc:  # a corrupt pickle can raise almost anything
+            raise FormatError(f"{path}: cannot read index pickle ({type(exc).__name__}: {exc})") from None
+        fp = file_fingerprint(path)
+        name = str(path)
+    else:
+        arr, name = ind, "--ind"
+    arr = np.asarray(arr)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise FormatError(f"{name}: expected a non-empty 1-D array of integer indices, got shape {arr.shape} {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= n:
+        raise FormatError(f"{name}: indices must be in [0, {n}) for {n} particles, got range [{arr.min()}, {arr.max()}]")
+    if fp is None:
+        fp = {"crc32c": f"{crc32c_array(arr.astype(np.int64)):08x}", "n": int(arr.size)}
+    return arr.astype(np.int64), fp
+
+
+def _load_poses(poses, n: int):
+    from distdrgn.formats.poses import load_poses
+
+    rots, trans = load_poses(poses)
+    rots = np.asarray(rots, dtype=np.float32)
+    trans = None if trans is None else np.asarray(trans, dtype=np.float32)
+    if rots.shape != (n, 3, 3) or (trans is not None and trans.shape != (n, 2)):
+        got = f"rots {rots.shape}" + ("" if trans is None else f", trans {trans.shape}")
+        raise FormatError(f"{poses}: poses are for a different number of particles ({got}) than the {n} images")
+    return rots, trans
+
+
+def _load_ctf(ctf, n: int) -> np.ndarray:
+    from distdrgn.formats.ctf_params import load_ctf
+
+    arr = np.asarray(load_ctf(ctf), dtype=np.float32)
+    if arr.shape != (n, 9):
+        raise FormatError(f"{ctf}: CTF parameters have shape {arr.shape}, expected ({n}, 9) for {n} images")
+    return arr
+
+
+@dataclass
+class _Job:
+    """Everything a shard task needs (picklable for the processes scheduler)."""
+
+    source: object
+    partial: Path
+    original_index: np.ndarray
+    full_D: int
+    source_D: int
+    levels: list[int]
+    plan: dict
+    dtype: str
+    sample: np.ndarray
+    label: str
+    shard_ids: list[int] = field(default_factory=list)
+
+
+def _progress_path(partial: Path, shard: int) -> Path:
+    return partial / L.PROGRESS_DIR / f"shard_{shard:07d}.json"
+
+
+def _downsample_blocks(images: np.ndarray, d: int, block: int) -> np.ndarray:
+    """Fourier-crop (k, D, D) -> (k, d, d) a block at a time (the transform works in float64)."""
+    out = np.empty((len(images), d, d), dtype=np.float32)
+    for i in range(0, len(images), block):
+        out[i : i + block] = downsample(images[i : i + block], d)
+    return out
+
+
+def _write_shard(job: _Job, shard: int) -> int:
+    shard_images = job.plan[job.full_D].shard_images
+    start = shard * shard_images
+    stop = min(len(job.original_index), start + shard_images)
+    orig = job.original_index[start:stop]
+    # read a chunk at a time into one shard buffer: the source reader's temporaries stay small
+    block = job.plan[job.full_D].chunk_images
+    images = np.empty((stop - start, job.source_D, job.source_D), dtype=np.float32)
+    for i in range(0, stop - start, block):
+        images[i : i + block] = job.source.read(orig[i : i + block])
+        bad = ~np.isfinite(images[i : i + block]).all(axis=(1, 2))
+        if bad.any():
+            raise FormatError(f"{job.label}: particle {int(orig[i + np.argmax(bad)])} has non-finite (NaN or inf) pixels")
+    record = {"shard": shard, "start": start, "stop": stop, "levels": {}}
+    in_sample = job.sample[(job.sample >= start) & (job.sample < stop)] - start
+    for d in job.levels:
+        values = images if d == job.source_D else _downsample_blocks(images, d, job.plan[job.full_D].chunk_images)
+        with np.errstate(over="ignore"):  # overflow is reported below, as an error
+            stored = values.astype(job.dtype, copy=False)
+        if job.dtype != "float32" and not np.isfinite(stored).all():
+            raise FormatError(f"{job.label}: pixel values overflow {job.dtype} at box {d}; ingest with --dtype float32")
+        arr = zarr.open_array(job.partial / L.images_name(d, job.full_D), mode="r+")
+        arr[start:stop] = stored
+        record["levels"][str(d)] = {
+            "crc32c": chunk_crc32c(stored, job.plan[d].chunk_images),
+            "norm_sums": partial_sums(stored[in_sample].astype(np.float32)),
+        }
+        del values, stored
+    path = _progress_path(job.partial, shard)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+    return shard
+
+
+def _looks_like_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _run_tasks(job: _Job, todo: list[int], workers: int, scheduler: str, progress: bool, total: int) -> None:
+    import dask
+    from dask.callbacks import Callback
+    from tqdm import tqdm
+
+    tasks = [dask.delayed(_write_shard, pure=False, name=f"ingest-shard-{s}")(job, s) for s in todo]
+    bar = tqdm(total=total, initial=total - len(todo), unit="shard", desc="ingest", disable=not progress)
+
+    class _Bar(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if str(key).startswith("ingest-shard-"):
+                bar.update(1)
+
+    try:
+        with _Bar():
+            dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+    finally:
+        bar.close()
+
+
+def ingest(
+    particles,
+    out,
+    *,
+    poses=None,
+    ctf=None,
+    datadir=None,
+    D: int | None = None,
+    dtype: str = "float32",
+    ind=None,
+    extra_levels=(),
+    force: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+    codec: str = L.DEFAULT_CODEC,
+    scheduler: str = "threads",
+    layout_overrides: dict | None = None,
+) -> Path:
+    """Write a particle store at ``out`` from ``particles`` (.mrcs/.mrc/.txt/.star/.cs).
+
+    ``poses``/``ctf``: cryoDRGN pickles overriding those in a .star/.cs. ``D``: Fourier-crop
+    to this box (even, <= the source box). ``ind``: pickle path or array of source indices
+    to keep (store order = ``ind`` order). ``extra_levels``: further lower box sizes stored
+    as ``images_<d>``. ``workers``: parallel shard tasks (default: one per CPU, at most 8,
+    fewer if their shards would need more than ``layout.INGEST_MEMORY_BUDGET``).
+    ``codec``/``scheduler``/``layout_overrides`` (kwargs of :func:`layout.plan_layout`) are
+    for benchmarks. Returns the store path. Raises DistdrgnError subclasses for bad input.
+    """
+    from distdrgn.formats.particles import resolve_particles
+
+    out = Path(out)
+    partial = out.with_name(out.name + L.PARTIAL_SUFFIX)
+    if dtype not in L.DTYPES:
+        raise StoreError(f"{out}: --dtype must be one of {', '.join(L.DTYPES)}, got {dtype!r}")
+    if codec not in L.CODECS:
+        raise StoreError(f"{out}: unknown codec {codec!r}; choose one of {', '.join(L.CODECS)}")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise StoreError(f"{out}: output already exists; use --force to replace it")
+        if out.is_dir() and any(out.iterdir()) and not _looks_like_store(out):
+            raise StoreError(f"{out}: exists and is not a Zarr store; refusing to delete it even with --force")
+
+    try:
+        source = resolve_particles(particles, datadir=datadir)
+    except OSError as exc:
+        raise FormatError(f"{particles}: {exc.strerror or exc}") from None
+    n_source, source_D = int(source.n), int(source.D)
+    if n_source == 0:
+        raise FormatError(f"{particles}: no particles")
+    if source_D % 2:
+        raise FormatError(f"{particles}: box size {source_D} is odd; only even box sizes are supported")
+    full_D = source_D if D is None else int(D)
+    if full_D <= 0 or full_D % 2 or full_D > source_D:
+        raise FormatError(f"{particles}: new box size -D {full_D} must be even, positive and at most the box size {source_D}")
+    levels = sorted({full_D, *(int(d) for d in extra_levels)}, reverse=True)
+    for d in levels:
+        if d <= 0 or d % 2 or d > full_D:
+            raise FormatError(f"{particles}: level {d} must be even, positive and at most the stored box size {full_D}")
+
+    if ind is not None:
+        original_index, ind_fp = _load_ind(ind, n_source)
+    else:
+        original_index, ind_fp = np.arange(n_source, dtype=np.int64), None
+    n = len(original_index)
+
+    rots = trans = None
+    if poses is not None:
+        rots, trans = _load_poses(poses, n_source)
+    elif source.poses is not None:
+        rots, trans = (np.asarray(a, dtype=np.float32) for a in source.poses)
+    if rots is not None and trans is None:
+        trans = np.zeros((n_source, 2), np.float32)
+    ctf_arr = _load_ctf(ctf, n_source) if ctf is not None else source.ctf
+    if ctf_arr is not None:
+        ctf_arr = np.asarray(ctf_arr, dtype=np.float32)
+        if ctf_arr.shape != (n_source, 9):
+            raise FormatError(f"{particles}: CTF parameters have shape {ctf_arr.shape}, expected ({n_source}, 9)")
+
+    itemsize = np.dtype(dtype).itemsize
+    plan = L.plan_layout(n, full_D, itemsize, levels, **(layout_overrides or {}))
+    request = {
+        "particles": str(Path(particles).resolve()),
+        "datadir": None if datadir is None else str(Path(datadir).resolve()),
+        "sources": [file_fingerprint(p) for p in source.source_files],
+        "poses": None if poses is None else file_fingerprint(poses),
+        "ctf": None if ctf is None else file_fingerprint(ctf),
+        "ind": ind_fp,
+        "D": full_D,
+        "dtype": dtype,
+        "levels": levels,
+        "codec": codec,
+        "layout": {str(d): p.to_dict() for d, p in plan.items()},
+        "format_version": L.FORMAT_VERSION,
+    }
+    request = json.loads(json.dumps(request))  # normalise (tuples -> lists) for comparison
+
+    fresh_dir = partial.is_dir() and not any(partial.iterdir())  # e.g. pre-created to set Lustre striping
+    if partial.exists() and not fresh_dir:
+        previous = None
+        if _looks_like_store(partial):
+            try:
+                previous = dict(zarr.open_group(partial, mode="r").attrs).get("ingest_request")
+            except Exception:
+                previous = None
+        if previous != request:
+            if not force:
+                raise StoreError(
+                    f"{partial}: an unfinished ingest with different inputs or options is in the way; "
+                    "re-run the original command to resume it, or use --force to discard it"
+                )
+            _remove(partial)
+
+    source_apix = None if source.apix is None else float(source.apix)
+    apix = None if source_apix is None else source_apix * source_D / full_D
+    if fresh_dir or not partial.exists():
+        _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, original_index, rots, trans, ctf_arr)
+
+    n_shards = -(-n // plan[full_D].shard_images)
+    done = {s for s in range(n_shards) if _progress_path(partial, s).is_file()}
+    todo = [s for s in range(n_shards) if s not in done]
+    job = _Job(
+        source=source,
+        partial=partial,
+        original_index=original_index,
+        full_D=full_D,
+        source_D=source_D,
+        levels=levels,
+        plan=plan,
+        dtype=dtype,
+        sample=sample_positions(n),
+        label=str(particles),
+    )
+    workers = workers or L.default_workers(plan, itemsize, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    try:
+        _run_tasks(job, todo, workers, scheduler, progress, n_shards)
+    except DistdrgnError:
+        _remove(partial)  # the input is bad: a resume would fail the same way
+        raise
+
+    _finish(partial, plan, levels, full_D, n, n_shards, {
+        "n": n,
+        "D": full_D,
+        "apix": apix,
+        "source_D": source_D,
+        "source_apix": source_apix,
+        "dtype": dtype,
+        "codec": codec,
+        "kind": getattr(source, "kind", None),
+        "has_poses": rots is not None,
+        "has_ctf": ctf_arr is not None,
+        "provenance": {
+            "particles": request["particles"],
+            "datadir": request["datadir"],
+            "source_files": request["sources"],
+            "poses": request["poses"],
+            "ctf": request["ctf"],
+            "ind": request["ind"],
+            "fingerprint": "size + mtime + crc32c of 16 x 4 KiB blocks spread over the file (whole file if <= 1 MiB)",
+        },
+    })
+    if out.exists() or out.is_symlink():
+        _remove(out)
+    os.replace(partial, out)
+    return out
+
+
+def _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, original_index, rots, trans, ctf_arr):
+    group = zarr.open_group(partial, mode="w-", zarr_format=3)  # "w" would rmtree the dir and lose its striping
+    group.attrs.update({"format": L.FORMAT_NAME, "version": L.FORMAT_VERSION, "complete": False, "ingest_request": request})
+    itemsize = np.dtype(dtype).itemsize
+    for d in levels:
+        p = plan[d]
+        group.create_array(
+            L.images_name(d, full_D),
+            shape=(n, d, d),
+            chunks=(p.chunk_images, d, d),
+            shards=(p.shard_images, d, d),
+            dtype=dtype,
+            compressors=L.compressors_for(codec, itemsize),
+            fill_value=0,
+            dimension_names=("particle", "y", "x"),
+        )
+    rows = min(n, 1 << 18)
+    meta = {L.ORIGINAL_INDEX: original_index}
+    if rots is not None:
+        meta[L.ROTS] = rots[original_index]
+        meta[L.TRANS] = trans[original_index]
+    if ctf_arr is not None:
+        meta[L.CTF] = ctf_arr[original_index]
+    crcs = {}
+    for name, values in meta.items():
+        arr = group.create_array(name, shape=values.shape, chunks=(rows, *values.shape[1:]), dtype=values.dtype,
+                                 compressors=None, fill_value=0)
+        arr[...] = values
+        crcs[name] = f"{crc32c_array(values):08x}"
+    group.attrs["metadata_crc32c"] = crcs
+    (partial / L.PROGRESS_DIR).mkdir(exist_ok=True)
+
+
+def _finish(partial, plan, levels, full_D, n, n_shards, info):
+    records = [json.loads(_progress_path(partial, s).read_text()) for s in range(n_shards)]
+    group = zarr.open_group(partial, mode="r+")
+    norm = {}
+    for d in levels:
+        crc = np.array([c for r in records for c in r["levels"][str(d)]["crc32c"]], dtype=np.uint32)
+        n_chunks = -(-n // plan[d].chunk_images)
+        if len(crc) != n_chunks:
+            raise StoreError(f"{partial}: progress records cover {len(crc)} of {n_chunks} chunks at box {d}")
+        group.create_array(L.checksum_name(d, full_D), data=crc, chunks=(max(1, len(crc)),), compressors=None,
+                           overwrite=True)
+        norm[str(d)] = combine([r["levels"][str(d)]["norm_sums"] for r in records])
+    attrs = dict(group.attrs)
+    attrs.update(info)
+    attrs.update({
+        "levels": levels,
+        "layout": {str(d): plan[d].to_dict() for d in levels},
+        "norm": norm,
+        "checksum": {"algorithm": "crc32c", "over": "little-endian values of each chunk of each images array",
+                     "arrays": {str(d): L.checksum_name(d, full_D) for d in levels}},
+        "created": {
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "distdrgn_version": __version__,
+            "zarr_version": zarr.__version__,
+            "host": platform.node(),
+        },
+        "complete": True,
+    })
+    group.attrs.put(attrs) if hasattr(group.attrs, "put") else group.attrs.update(attrs)
+    shutil.rmtree(partial / L.PROGRESS_DIR, ignore_errors=True)

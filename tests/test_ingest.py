@@ -240,3 +240,22 @@ def test_peak_rss_independent_of_dataset_size(tmp_path):
     assert peak_mb - base_mb < 150, (base_mb, peak_mb)
     s = ParticleStore.open(tmp_path / "s.zarr")
     assert np.array_equal(s.read_chunk(s.n_chunks - 1), mrcfile.mmap(stack).data[-(n - (s.n_chunks - 1) * s.chunk_images):])
+
+
+def test_ingest_relion30_star_needs_and_accepts_pixel_size(tmp_path):
+    """toy_projections.star (RELION 3.0) has no pixel size: ingest says so, and takes --apix."""
+    from distdrgn.cli import main
+
+    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
+    star = fixtures / "toy_projections.star"
+    if not star.exists():
+        pytest.skip("shared fixtures not present")
+    out = tmp_path / "toy.zarr"
+    assert main(["ingest", str(star), "-o", str(out), "--no-progress"]) == 2
+    assert not out.exists()
+    assert main(["ingest", str(star), "-o", str(out), "--apix", "1.0", "-w", "0.1", "--no-progress"]) == 0
+    from distdrgn.store import ParticleStore
+
+    s = ParticleStore.open(out)
+    assert s.n == 1000 and s.D == 30 and s.ctf is not None
+    assert np.allclose(s.ctf[:, 1], 1.0) and np.allclose(s.ctf[:, 7], 0.1)

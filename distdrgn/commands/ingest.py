@@ -19,6 +19,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", default="", help="extra lower box sizes to store as well, e.g. 64,128")
     parser.add_argument("--workers", type=int, help="parallel shard writers (default: one per CPU, at most 8, within a 2 GiB memory budget)")
     parser.add_argument("--force", action="store_true", help="replace an existing store or discard a different unfinished ingest")
+    meta = parser.add_argument_group("metadata a .star/.cs lacks (or overrides), as in parse-ctf")
+    meta.add_argument("--apix", type=float, help="pixel size of the source images (Angstrom)")
+    meta.add_argument("--kv", type=float, help="accelerating voltage (kV)")
+    meta.add_argument("--cs", type=float, help="spherical aberration (mm)")
+    meta.add_argument("-w", type=float, dest="w", help="amplitude contrast")
+    meta.add_argument("--ps", type=float, help="phase shift (degrees)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -43,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
         force=args.force,
         workers=args.workers,
         progress=not args.no_progress,
+        metadata_options={k: getattr(args, k) for k in ("apix", "kv", "cs", "w", "ps") if getattr(args, k) is not None},
     )
     print(f"wrote {out}")
     return 0

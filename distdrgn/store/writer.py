@@ -198,6 +198,7 @@ def ingest(
     codec: str = L.DEFAULT_CODEC,
     scheduler: str = "threads",
     layout_overrides: dict | None = None,
+    metadata_options: dict | None = None,
 ) -> Path:
     """Write a particle store at ``out`` from ``particles`` (.mrcs/.mrc/.txt/.star/.cs).
 
@@ -207,7 +208,9 @@ def ingest(
     as ``images_<d>``. ``workers``: parallel shard tasks (default: one per CPU, at most 8,
     fewer if their shards would need more than ``layout.INGEST_MEMORY_BUDGET``).
     ``codec``/``scheduler``/``layout_overrides`` (kwargs of :func:`layout.plan_layout`) are
-    for benchmarks. Returns the store path. Raises DistdrgnError subclasses for bad input.
+    for benchmarks. ``metadata_options``: ``apix``, ``kv``, ``cs``, ``w``, ``ps`` overriding
+    (or supplying, when the .star/.cs lacks them) the file's CTF values, as in
+    ``distdrgn parse-ctf``. Returns the store path. Raises DistdrgnError subclasses for bad input.
     """
     from distdrgn.formats.particles import resolve_particles
 
@@ -224,7 +227,9 @@ def ingest(
             raise StoreError(f"{out}: exists and is not a Zarr store; refusing to delete it even with --force")
 
     try:
-        source = resolve_particles(particles, datadir=datadir)
+        # poses/CTF given as pickles replace the file's: do not parse (or require) them there
+        source = resolve_particles(particles, datadir=datadir, with_poses=poses is None, with_ctf=ctf is None,
+                                   **(metadata_options or {}))
     except OSError as exc:
         raise FormatError(f"{particles}: {exc.strerror or exc}") from None
     n_source, source_D = int(source.n), int(source.D)
@@ -268,6 +273,7 @@ def ingest(
         "poses": None if poses is None else file_fingerprint(poses),
         "ctf": None if ctf is None else file_fingerprint(ctf),
         "ind": ind_fp,
+        "metadata_options": dict(sorted((metadata_options or {}).items())),
         "D": full_D,
         "dtype": dtype,
         "levels": levels,

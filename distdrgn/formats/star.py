@@ -115,7 +115,7 @@ def _loop_block(name: str, df: pd.DataFrame, version_comment: bool) -> str:
     df = _strip_underscores(df)
     head = ["# version 30001", ""] if version_comment else []
     head += [f"data_{name}", "", "loop_"] + [f"_{col} #{i + 1}" for i, col in enumerate(df.columns)]
-    body = df.to_csv(sep=" ", header=False, index=False, float_format="%.9g", na_rep="nan", quoting=csv.QUOTE_MINIMAL,
+    body = df.to_csv(sep=" ", header=False, index=False, float_format="%.12g", na_rep="nan", quoting=csv.QUOTE_MINIMAL,
                      quotechar='"', lineterminator="\n")
     return "\n".join(head) + "\n" + body + "\n"
 
@@ -124,7 +124,7 @@ def write_star(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.Data
     """Write a particle star file: RELION 3.1 layout (data_optics + data_particles, each
     marked ``# version 30001``) when ``optics`` is given, else a single data_particles table
     (RELION 3.0 layout). Column names may be given with or without the leading underscore.
-    Floats are written with 9 significant digits, enough to round-trip float32.
+    Floats are written with 12 significant digits: RELION's 6 decimals for ordinary values and float32 precision for small ones.
     """
     text = "# written by distdrgn\n\n"
     if optics is not None:

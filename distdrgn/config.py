@@ -1,0 +1,230 @@
+"""The training configuration: typed dataclasses loaded from YAML with dotted overrides.
+
+A config file has the sections ``data``, ``output``, ``model``, ``train`` and ``metrics``;
+any key left out takes the default below (cryoDRGN's defaults). Command-line overrides are
+``section.key=value`` with the value parsed as YAML (``train.epochs=3``, ``data.level=64``,
+``metrics.port=null``). Unknown keys and values of the wrong type are reported as one-line
+:class:`~distdrgn.errors.DistdrgnError` messages naming the file or override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distdrgn.errors import DistdrgnError
+
+PE_TYPES = ("gaussian", "geom_ft", "geom_full", "geom_lowf", "geom_nohighf", "linear_lowf", "none")
+DOMAINS = ("fourier", "hartley")
+ENCODERS = ("resid", "mlp")
+ENGINES = ("ddp", "deepspeed")
+AMP_MODES = ("auto", "true", "false")
+
+
+@dataclass
+class DataConfig:
+    store: str = ""  # path to the particle store (distdrgn ingest output)
+    level: int | None = None  # box size of a downsampled copy in the store; None = full size
+    invert: bool = True  # multiply images by -1 (cryoDRGN default; false = --uninvert-data)
+    window: bool = True  # soft circular real-space window before the transform
+    window_inner: float = 0.85  # fraction of the half box where the window starts to fall
+    window_outer: float = 0.99  # fraction of the half box where the window reaches 0
+    norm_images: int = 1000  # images used to estimate the Hartley std when the store has none
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""  # run directory: config.yaml, weights.N.pkl, z.N.pkl, run.log, loss.csv
+
+
+@dataclass
+class ModelConfig:
+    zdim: int = 8  # latent dimension; 0 = homogeneous reconstruction (no encoder)
+    encoder: str = "resid"  # resid | mlp
+    enc_dim: int = 1024
+    enc_layers: int = 3  # hidden layers: in -> H, then enc_layers - 1 of H -> H
+    dec_dim: int = 1024
+    dec_layers: int = 3  # hidden layers: in -> H, then dec_layers - 1 residual H -> H
+    pe_type: str = "gaussian"
+    pe_dim: int | None = None  # None = D/2
+    feat_sigma: float = 0.5  # std of the gaussian frequencies, in units of D/2
+    domain: str = "fourier"  # fourier (real, imag outputs; Hermitian) | hartley (one output)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 16  # images per process per step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    engine: str = "ddp"  # ddp | deepspeed (deepspeed is not supported yet)
+    checkpoint_every: int = 1  # epochs between weights.N.pkl / z.N.pkl
+    amp: bool | str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | true | false
+    beta: float | str | None = None  # None = 1/zdim; a number; or "linear:START:END:EPOCHS"
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_chunks: int = 4  # images are shuffled within windows of this many store chunks
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 50  # steps between progress log lines in run.log
+
+
+@dataclass
+class MetricsConfig:
+    port: int | None = None  # rank 0 serves Prometheus metrics on this port when set
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits annotation ``tp``; returns (ok, value converted where lossless)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, conv = _type_ok(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    if section not in {f.name for f in dataclasses.fields(Config)}:
+        raise DistdrgnError(f"{source}: unknown config section '{section}' (expected data, output, model, train, metrics)")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise DistdrgnError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(hints)})")
+    ok, conv = _type_ok(value, hints[key])
+    if not ok:
+        raise DistdrgnError(
+            f"{source}: '{section}.{key}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
+        )
+    setattr(sub, key, conv)
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    """Check value ranges and choices; raises DistdrgnError with the offending key."""
+    checks = [
+        (cfg.model.pe_type in PE_TYPES, f"model.pe_type must be one of {', '.join(PE_TYPES)}"),
+        (cfg.model.domain in DOMAINS, f"model.domain must be one of {', '.join(DOMAINS)}"),
+        (cfg.model.encoder in ENCODERS, f"model.encoder must be one of {', '.join(ENCODERS)}"),
+        (cfg.train.engine in ENGINES, f"train.engine must be one of {', '.join(ENGINES)}"),
+        (str(cfg.train.amp).lower() in AMP_MODES, "train.amp must be auto, true or false"),
+        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (cfg.model.zdim >= 0, "model.zdim must be >= 0"),
+        (cfg.model.enc_dim > 0 and cfg.model.dec_dim > 0, "model.enc_dim and model.dec_dim must be > 0"),
+        (cfg.model.enc_layers >= 1 and cfg.model.dec_layers >= 1, "model.enc_layers and model.dec_layers must be >= 1"),
+        (cfg.model.pe_dim is None or cfg.model.pe_dim >= 1, "model.pe_dim must be >= 1"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
+        (cfg.train.shuffle_chunks >= 1, "train.shuffle_chunks must be >= 1"),
+        (cfg.data.level is None or (cfg.data.level >= 4 and cfg.data.level % 2 == 0), "data.level must be even and >= 4"),
+        (0 < cfg.data.window_inner < cfg.data.window_outer, "data.window_inner must be in (0, data.window_outer)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise DistdrgnError(f"{source}: {msg}")
+    if cfg.train.beta is not None and not isinstance(cfg.train.beta, float):
+        from distdrgn.objective import parse_beta  # validates the schedule syntax
+
+        parse_beta(cfg.train.beta, cfg.model.zdim, source=source)
+    return cfg
+
+
+def from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
+    """Build a Config from a nested mapping; unknown sections/keys and bad types raise."""
+    cfg = Config()
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise DistdrgnError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise DistdrgnError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _apply(cfg, str(section), str(key), value, source)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (value parsed as YAML) in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise DistdrgnError(f"override '{item}': expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        if dotted.count(".") != 1:
+            raise DistdrgnError(f"override '{item}': key must be section.key, e.g. train.epochs=3")
+        section, key = dotted.split(".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise DistdrgnError(f"override '{item}': cannot parse value ({exc.__class__.__name__})") from None
+        _apply(cfg, section, key, value, f"override '{item}'")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate.
+
+    Relative ``data.store`` and ``output.dir`` paths in a file are taken relative to the
+    current directory (as on the command line), not to the file.
+    """
+    data = None
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise DistdrgnError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise DistdrgnError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    cfg = from_dict(data, source)
+    apply_overrides(cfg, overrides or [])
+    return validate(cfg, source)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (what config.yaml in a run directory holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

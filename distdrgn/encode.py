@@ -1,0 +1,86 @@
+"""Latent encoding: z_mu and z_logvar of every particle of a store, in store order.
+
+Used at training checkpoints (distributed: each rank encodes a contiguous segment of the
+store and the segments are gathered in rank order, which is store order) and by
+``distdrgn encode`` for any store with poses (the encoder input is the translated image).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distdrgn.errors import DistdrgnError
+from distdrgn.loader import Metadata, WindowDataset, iterate_batches, plan_epoch
+from distdrgn.model import CryoDRGN
+from distdrgn.objective import Preprocess, prepare_targets
+
+
+@torch.no_grad()
+def encode_segment(
+    model: CryoDRGN,
+    prep: Preprocess,
+    store,
+    *,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (n_r, zdim) z_mu and z_logvar (float32, on ``device``) of its segment."""
+    device = torch.device(device)
+    if model.zdim == 0:
+        raise DistdrgnError("the model is homogeneous (zdim = 0): there are no latents to encode")
+    if store.D != prep.D:
+        raise DistdrgnError(f"{store.path}: images are {store.D} px but the model was trained at {prep.D} px (choose the store level)")
+    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
+    plan = plan_epoch(chunks, seed=0, epoch=0, rank=rank, world_size=world_size, batch_size=batch_size, window_chunks=1, shuffle=False)
+    meta = Metadata.from_store(store)
+    dataset = WindowDataset(str(store.path), store.D, plan)
+    mus, logvars = [], []
+    was_training = model.training
+    model.eval()
+    for batch in iterate_batches(dataset, meta, num_workers=num_workers, pin_memory=device.type == "cuda"):
+        batch = batch.to(device, non_blocking=True)
+        targets = prepare_targets(batch, prep, model.lattice)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            mu, logvar = model.encode(targets.y_enc)
+        mus.append(mu.float())
+        logvars.append(logvar.float())
+        if progress is not None:
+            progress.update(len(batch.indices))
+    model.train(was_training)
+    zdim = model.zdim
+    empty = torch.zeros((0, zdim), device=device)
+    return (torch.cat(mus) if mus else empty), (torch.cat(logvars) if logvars else empty)
+
+
+def gather_segments(mu: torch.Tensor, logvar: torch.Tensor, n: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All ranks' segments concatenated in rank order -> (n, zdim) numpy float32 on every rank."""
+    if world_size == 1:
+        return mu.cpu().numpy(), logvar.cpu().numpy()
+    counts = [n * (r + 1) // world_size - n * r // world_size for r in range(world_size)]
+    width = max(counts)
+    both = torch.cat([mu, logvar], 1)
+    padded = torch.zeros((width, both.shape[1]), device=both.device, dtype=both.dtype)
+    padded[: len(both)] = both
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    full = torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu().numpy()
+    zdim = mu.shape[1]
+    return full[:, :zdim].copy(), full[:, zdim:].copy()
+
+
+def encode_store(model: CryoDRGN, prep: Preprocess, store, *, batch_size: int = 64, device=None, num_workers: int = 0,
+                 progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, zdim) z_mu, z_logvar of every image of ``store`` (single process), store order."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    mu, logvar = encode_segment(model, prep, store, batch_size=batch_size, device=device, amp_dtype=amp,
+                                num_workers=num_workers, progress=progress)
+    return mu.cpu().numpy(), logvar.cpu().numpy()

@@ -1,0 +1,157 @@
+import math
+
+import pytest
+import torch
+
+from distdrgn.config import ModelConfig
+from distdrgn.lattice import Lattice
+from distdrgn.model import (
+    CryoDRGN,
+    ModelInfo,
+    PositionalEncoding,
+    build_model,
+    canonicalize,
+    geometric_frequencies,
+)
+
+D = 16
+
+
+def tiny(**kw) -> CryoDRGN:
+    cfg = ModelConfig(**{"zdim": 3, "enc_dim": 24, "enc_layers": 2, "dec_dim": 24, "dec_layers": 3, **kw})
+    return build_model(cfg, D, seed=1)
+
+
+def random_rotations(n, seed=0):
+    q = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q = q / q.norm(dim=1, keepdim=True)
+    w, x, y, z = q.unbind(1)
+    R = torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+    ], 1).view(n, 3, 3)
+    return R.float()
+
+
+def test_gaussian_pe_matches_direct_formula():
+    pe = PositionalEncoding("gaussian", pe_dim=D // 2, D=D, feat_sigma=0.5, seed=3)
+    assert pe.freqs.shape == (3 * D // 2, 3) and pe.out_dim == 3 * D
+    # frequencies ~ N(0, 0.5^2) * D/2: their std is ~D/4
+    assert 0.6 * D / 4 < pe.freqs.std().item() < 1.4 * D / 4
+    coords = torch.rand(5, 7, 3) - 0.5
+    out = pe(coords)
+    assert out.shape == (5, 7, 3 * D)
+    phase = torch.einsum("bpc,fc->bpf", coords, pe.freqs)
+    torch.testing.assert_close(out, torch.cat([phase.sin(), phase.cos()], -1))
+    # the same seed gives the same buffer
+    torch.testing.assert_close(PositionalEncoding("gaussian", D // 2, D, 0.5, seed=3).freqs, pe.freqs)
+
+
+@pytest.mark.parametrize(
+    "pe_type, lo, hi",
+    [
+        ("geom_ft", 2 * math.pi, math.pi * D),
+        ("geom_full", math.pi, math.pi * D),
+        ("geom_lowf", 2 * math.pi, math.pi * D / 2),
+        ("geom_nohighf", math.pi, math.pi * D / 2),
+        ("linear_lowf", math.pi * D / (2 * 8), math.pi * D / 2),
+    ],
+)
+def test_geometric_pe_ladders(pe_type, lo, hi):
+    w = geometric_frequencies(pe_type, 8, D)
+    assert w.shape == (8,)
+    assert w[0].item() == pytest.approx(lo, rel=1e-6) and w[-1].item() == pytest.approx(hi, rel=1e-6)
+    ratios = w[1:] / w[:-1]
+    diffs = w[1:] - w[:-1]
+    if pe_type.startswith("geom"):
+        torch.testing.assert_close(ratios, ratios[:1].expand_as(ratios))
+    else:
+        torch.testing.assert_close(diffs, diffs[:1].expand_as(diffs))
+    pe = PositionalEncoding(pe_type, 8, D)
+    coords = torch.tensor([[0.1, -0.2, 0.3]])
+    out = pe(coords)
+    assert out.shape == (1, 48)
+    # feature (c, i) = sin(w_i k_c) then cos, c-major
+    assert out[0, 1 * 8 + 3].item() == pytest.approx(math.sin(w[3].item() * -0.2), abs=1e-6)
+    assert out[0, 24 + 2 * 8 + 5].item() == pytest.approx(math.cos(w[5].item() * 0.3), abs=1e-6)
+
+
+def test_canonicalize_maps_k_and_minus_k_to_one_point():
+    k = torch.randn(500, 3)
+    k[:50, 2] = 0  # ties on the k_z = 0 plane
+    k[:10, 1] = 0
+    a, fa = canonicalize(k)
+    b, fb = canonicalize(-k)
+    torch.testing.assert_close(a, b)
+    assert torch.all(fa != fb)
+    assert torch.all(a[:, 2] <= 0)
+
+
+def test_fourier_decoder_is_hermitian():
+    model = tiny()
+    k = torch.rand(1, 100, 3) - 0.5
+    z = torch.randn(1, 3)
+    re1, im1 = model.decoder.fourier(k, z)
+    re2, im2 = model.decoder.fourier(-k, z)
+    torch.testing.assert_close(re1, re2)
+    torch.testing.assert_close(im1, -im2)
+
+
+@pytest.mark.parametrize("domain", ["fourier", "hartley"])
+def test_slices_match_decoding_every_masked_point(domain):
+    """The half + conjugate-fill evaluation equals decoding each masked lattice point directly."""
+    model = tiny(domain=domain)
+    lat = Lattice(D)
+    rots = random_rotations(3)
+    z = torch.randn(3, 3)
+    slices = model.decoder.slices(lat, rots, z)
+    assert slices.shape == (3, lat.n_masked)
+    coords = lat.coords[lat.mask_indices] @ rots
+    direct = model.decoder.hartley(coords, z)
+    torch.testing.assert_close(slices, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_shapes_and_reparameterisation():
+    model = tiny()
+    lat = model.lattice
+    y = torch.randn(4, lat.n_masked)
+    rots = random_rotations(4)
+    pred, mu, logvar = model(rots, y, sample=False)
+    assert pred.shape == (4, lat.n_masked) and mu.shape == (4, 3) and logvar.shape == (4, 3)
+    pred_mu = model.decoder.slices(lat, rots, mu)
+    torch.testing.assert_close(pred, pred_mu)
+    torch.manual_seed(0)
+    pred_s, _, _ = model(rots, y, sample=True)
+    assert not torch.allclose(pred_s, pred)
+
+
+def test_layer_structure_matches_the_performance_model():
+    """Decoder: in -> H, (L-1) x H -> H, H -> 2; MACs/point = (in)*H + (L-1) H^2 + 2H."""
+    H, L = 24, 3
+    model = tiny()
+    mlp = model.decoder.mlp
+    assert mlp.inp.in_features == 3 * D + 3 and mlp.inp.out_features == H
+    assert len(mlp.hidden) == L - 1 and mlp.out.out_features == 2
+    assert tiny(domain="hartley").decoder.mlp.out.out_features == 1
+    assert model.encoder.mlp.inp.in_features == model.lattice.n_masked
+    assert model.encoder.mlp.out.out_features == 6
+
+
+def test_homogeneous_model_has_no_encoder():
+    model = tiny(zdim=0)
+    assert model.encoder is None
+    pred, mu, logvar = model(random_rotations(2))
+    assert pred.shape == (2, model.lattice.n_masked) and mu is None and logvar is None
+    assert model.decoder.mlp.inp.in_features == 3 * D
+
+
+def test_same_seed_same_model_and_global_rng_untouched():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = tiny(), tiny()
+    assert torch.equal(torch.get_rng_state(), before)
+    for (na, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), na
+    info = ModelInfo.from_config(ModelConfig(), 64, 0)
+    assert info.pe_dim == 32 and info.enc_dim == 1024 and info.dec_layers == 3

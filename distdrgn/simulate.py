@@ -346,6 +346,7 @@ def simulate(
     device: str | torch.device | None = None,
     progress: bool = True,
     write_volumes: bool = True,
+    force: bool = False,
 ) -> dict[str, Path]:
     """Simulate ``n`` images of box ``D`` at ``snr`` into directory ``out``; returns the written paths.
 
@@ -353,7 +354,8 @@ def simulate(
     every random draw (same seed and settings give the same files). Images are generated in
     batches of ``batch_size`` on ``device`` (default: CUDA if available) and streamed to disk.
     Writes particles.mrcs, particles.star, poses.pkl, ctf.pkl, labels.pkl, ground_truth.pkl,
-    volumes/ (with index.json) and simulation.json.
+    volumes/ (with index.json) and simulation.json. A folder that already holds a
+    simulation is refused unless ``force``.
     """
     from distdrgn.formats.ctf_params import save_ctf
     from distdrgn.formats.mrc import MrcStackWriter
@@ -362,6 +364,8 @@ def simulate(
     p = SimulationParams(n=n, D=D, snr=float(snr), dist=dist, apix=apix, seed=seed, model_seed=model_seed,
                          n_states=n_states, shift_std_px=shift_std_px, batch_size=batch_size).validate()  # fmt: skip
     out = Path(out)
+    if not force and any((out / name).exists() for name in ("particles.mrcs", "particles.star", "simulation.json")):
+        raise DistdrgnError(f"{out}: already holds a simulated dataset; use --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     model = build_model(model_seed)

@@ -200,3 +200,12 @@ def test_cli_rejects_bad_arguments(tmp_path):
                           "-D", "15", "--snr", "1"], capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: -D must be an even box size")
+
+
+def test_simulate_refuses_to_overwrite_without_force(tmp_path):
+    from distdrgn.cli import main
+
+    args = ["simulate", str(tmp_path / "sim"), "--n", "8", "-D", "16", "--snr", "1", "--no-volumes"]
+    assert main(args) == 0
+    assert main(args) == 2  # a second run into the same folder is refused
+    assert main(args + ["--force"]) == 0

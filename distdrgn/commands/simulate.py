@@ -23,6 +23,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift-std", type=float, default=2.0, help="std of the in-plane offsets in pixels (default 2)")
     parser.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch (default 256)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--force", action="store_true", help="overwrite a simulated dataset already in OUT")
     parser.add_argument("--no-volumes", action="store_true", help="do not write the ground-truth volumes")
 
 
@@ -32,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     paths = simulate(
         args.out, args.n, args.D, args.snr, dist=args.dist, apix=args.apix, seed=args.seed,
         model_seed=args.model_seed, n_states=args.n_states, shift_std_px=args.shift_std,
-        batch_size=args.batch_size, device=args.device, write_volumes=not args.no_volumes,
+        batch_size=args.batch_size, device=args.device, write_volumes=not args.no_volumes, force=args.force,
     )  # fmt: skip
     for name, path in paths.items():
         print(f"{name}: {path}")

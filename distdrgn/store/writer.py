@@ -174,10 +174,16 @@ def _run_tasks(job: _Job, todo: list[int], workers: int, scheduler: str, progres
             if str(key).startswith("ingest-shard-"):
                 bar.update(1)
 
+    # Our own executor, so that on a failure we can wait for the shards still being written
+    # before the caller removes the partial store (dask returns at the first exception).
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    pool = (ProcessPoolExecutor if scheduler == "processes" else ThreadPoolExecutor)(max_workers=workers)
     try:
         with _Bar():
-            dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+            dask.compute(*tasks, scheduler=scheduler, num_workers=workers, pool=pool)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
 

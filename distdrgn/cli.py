@@ -25,6 +25,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-vol": ("eval_vol", "evaluate volumes from a trained model at given latents"),
     "encode": ("encode", "compute latents for the particles of a store with a trained model"),
     "analyze": ("analyze", "PCA, k-means and representative volumes of a trained run"),
+    "graph-traversal": ("graph_traversal", "shortest path between particles on a kNN graph of the latents"),
+    "pc-traversal": ("pc_traversal", "latent points along principal components"),
+    "direct-traversal": ("direct_traversal", "latent points on straight lines between anchors"),
+    "select": ("select", "select a particle subset (k-means labels, z-norm, UMAP polygon) as IND.pkl"),
+    "filter": ("filter", "interactive lasso selection of particles in a latent-space plot"),
+    "backproject": ("backproject", "voxel back-projection of a store (with half-maps)"),
+    "fsc": ("fsc", "Fourier shell correlation between two volumes"),
 }
 
 

@@ -312,3 +312,18 @@ def test_load_ctf_errors(tmp_path):
         load_ctf(_dump(tmp_path / "c.pkl", bad))
     with pytest.raises(FormatError, match="positive"):
         load_ctf(_dump(tmp_path / "d.pkl", np.zeros((3, 9))))
+
+
+def test_index_files_round_trip_and_validate(tmp_path):
+    from distdrgn.formats.ind import load_indices, save_indices
+
+    path = tmp_path / "ind.pkl"
+    save_indices(path, [4, 0, 2])
+    assert load_indices(path, 5).tolist() == [4, 0, 2]
+    assert load_indices(np.array([1, 3]), 5).dtype == np.int64
+    with pytest.raises(FormatError, match=r"in \[0, 3\)"):
+        load_indices(path, 3)
+    with pytest.raises(FormatError, match="integer indices"):
+        load_indices(np.array([0.5]), 3)
+    with pytest.raises(FormatError, match="no such file"):
+        load_indices(tmp_path / "missing.pkl", 3)

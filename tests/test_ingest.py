@@ -1,5 +1,3 @@
-import json
-import os
 import pickle
 import subprocess
 import sys

@@ -16,6 +16,7 @@ import numpy as np
 
 from distdrgn.errors import FormatError
 from distdrgn.formats.cs import read_cs, require_fields
+from distdrgn.formats.ind import read_pickle
 from distdrgn.formats.poses import box_size_column, pixel_size_column
 from distdrgn.formats.star import particles_with_optics, read_star
 
@@ -140,14 +141,7 @@ def save_ctf(path: str | os.PathLike, params: np.ndarray) -> None:
 
 def load_ctf(path: str | os.PathLike) -> np.ndarray:
     """Read a cryoDRGN ``ctf.pkl`` -> (N, 9) float32, validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-    except Exception as exc:  # unpickling garbage raises many different types
-        raise FormatError(f"{path}: not a pickle file ({type(exc).__name__}: {exc})") from None
+    obj = read_pickle(path, "CTF")
     if not isinstance(obj, np.ndarray):
         raise FormatError(f"{path}: expected a pickled (N, 9) array, got {type(obj).__name__}")
     return check_ctf(obj, path)

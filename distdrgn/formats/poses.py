@@ -21,6 +21,7 @@ import numpy as np
 
 from distdrgn.errors import FormatError
 from distdrgn.formats.cs import read_cs, require_fields
+from distdrgn.formats.ind import read_pickle
 from distdrgn.formats.star import particles_with_optics, read_star
 
 # sin(tilt) below this is a gimbal lock: rot and psi turn about the same axis.
@@ -238,14 +239,7 @@ def save_poses(path: str | os.PathLike, rots: np.ndarray, trans: np.ndarray) -> 
 
 def load_poses(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read a cryoDRGN ``poses.pkl`` -> (rots (N, 3, 3), trans (N, 2)) float32, validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-    except Exception as exc:  # unpickling garbage raises many different types
-        raise FormatError(f"{path}: not a pickle file ({type(exc).__name__}: {exc})") from None
+    obj = read_pickle(path, "poses")
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise FormatError(f"{path}: expected a pickled (rots, trans) pair, got {type(obj).__name__}")
     return check_poses(obj[0], obj[1], path)

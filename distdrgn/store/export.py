@@ -10,34 +10,17 @@ vectors (.cs) and come back to within float32 rounding, as do the .cs CTF angles
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 
 from distdrgn.errors import FormatError, StoreError
+from distdrgn.formats.ind import load_indices
 from distdrgn.store.reader import ParticleStore
 
 
-def _load_positions(ind, n: int, label: str) -> np.ndarray:
-    if ind is None:
-        return np.arange(n, dtype=np.int64)
-    if isinstance(ind, (str, Path)):
-        path = Path(ind)
-        if not path.is_file():
-            raise FormatError(f"{path}: no such index file")
-        try:
-            with open(path, "rb") as f:
-                ind = pickle.load(f)
-        except Exception as exc:
-            raise FormatError(f"{path}: cannot read index pickle ({type(exc).__name__}: {exc})") from None
-        label = str(path)
-    arr = np.asarray(ind)
-    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise FormatError(f"{label}: expected a non-empty 1-D array of integer indices")
-    if arr.min() < 0 or arr.max() >= n:
-        raise FormatError(f"{label}: indices must be in [0, {n}) for a store of {n} images")
-    return arr.astype(np.int64)
+def _load_positions(ind, n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) if ind is None else load_indices(ind, n)
 
 
 def _write_stack(store: ParticleStore, positions: np.ndarray, path: Path, progress: bool) -> None:
@@ -165,7 +148,7 @@ def export(store_path, out, *, ind=None, level: int | None = None, force: bool =
     if suffix not in (".mrcs", ".mrc", ".star", ".cs"):
         raise FormatError(f"{out}: unknown output type {suffix or '(no extension)'!r}; expected .mrcs, .star or .cs")
     store = ParticleStore.open(store_path, level)
-    positions = _load_positions(ind, store.n, "--ind")
+    positions = _load_positions(ind, store.n)
     stack = out if suffix in (".mrcs", ".mrc") else out.with_suffix(".mrcs")
     targets = [stack] if stack == out else [stack, out]
     for t in targets:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import pickle
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import zarr
 from distdrgn import __version__
 from distdrgn.errors import DistdrgnError, FormatError, StoreError
 from distdrgn.fft import downsample
+from distdrgn.formats.ind import load_indices
 from distdrgn.store import layout as L
 from distdrgn.store.checksums import chunk_crc32c, crc32c_array, file_fingerprint
 from distdrgn.store.norm import combine, partial_sums, sample_positions
@@ -41,28 +41,10 @@ from distdrgn.store.norm import combine, partial_sums, sample_positions
 
 def _load_ind(ind, n: int) -> tuple[np.ndarray, dict | None]:
     """``ind`` (pickle path or int array) -> validated int64 positions, and its fingerprint."""
-    fp = None
+    arr = load_indices(ind, n)
     if isinstance(ind, (str, os.PathLike)):
-        path = Path(ind)
-        if not path.is_file():
-            raise FormatError(f"{path}: no such index file")
-        try:
-            with open(path, "rb") as f:
-                arr = pickle.load(f)
-        except Exception as exc:  # a corrupt pickle can raise almost anything
-            raise FormatError(f"{path}: cannot read index pickle ({type(exc).__name__}: {exc})") from None
-        fp = file_fingerprint(path)
-        name = str(path)
-    else:
-        arr, name = ind, "--ind"
-    arr = np.asarray(arr)
-    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise FormatError(f"{name}: expected a non-empty 1-D array of integer indices, got shape {arr.shape} {arr.dtype}")
-    if arr.min() < 0 or arr.max() >= n:
-        raise FormatError(f"{name}: indices must be in [0, {n}) for {n} particles, got range [{arr.min()}, {arr.max()}]")
-    if fp is None:
-        fp = {"crc32c": f"{crc32c_array(arr.astype(np.int64)):08x}", "n": int(arr.size)}
-    return arr.astype(np.int64), fp
+        return arr, file_fingerprint(ind)
+    return arr, {"crc32c": f"{crc32c_array(arr):08x}", "n": int(arr.size)}
 
 
 def _load_poses(poses, n: int):

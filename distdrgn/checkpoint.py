@@ -1,17 +1,27 @@
-"""Run-directory files: ``weights.N.pkl`` checkpoints and ``z.N.pkl`` latents (cryoDRGN layout).
+"""Run-directory files: ``weights.N.pkl`` checkpoints, ``z.N.pkl`` latents (cryoDRGN layout)
+and mid-epoch step checkpoints ``checkpoints/step.E.C.pkl``.
 
 ``N`` is the 0-based index of the epoch just finished (``weights.0.pkl`` after the first
 epoch), as in cryoDRGN; the final ``weights.pkl`` / ``z.pkl`` are copies of the last
-epoch's. Every file is written to a temporary name in the same directory and moved into
-place with ``os.replace``, so a crash never leaves a truncated checkpoint.
+epoch's. A step checkpoint is written during epoch ``E`` after ``C`` of its images were
+consumed (``train.checkpoint_every_steps``); only the newest :data:`KEEP_STEP_CHECKPOINTS`
+are kept. Every file is written to a temporary name in the same directory, fsynced and moved
+into place with ``os.replace``, so a crash never leaves a truncated checkpoint under its
+real name; a file damaged anyway (a full disk, a copy cut short) fails to load, and
+:func:`load_latest` then falls back to the previous checkpoint, renaming the damaged file to
+``NAME.corrupt``.
 
 A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
 
     {"format": "distdrgn-weights", "version": 1, "epoch": N,
      "model_state_dict", "optimizer_state_dict", "scaler_state_dict",
      "model_info": ModelInfo fields, "preprocess": Preprocess fields,
-     "config": resolved config dict, "rng": {"torch_cpu": [per rank], "torch_cuda": [per rank]},
-     "store": {"path", "n", "D", "apix"}}
+     "config": resolved config dict, "store": {"path", "n", "D", "apix"}}
+
+plus, in a step checkpoint, ``"position": {"epoch": E, "consumed": C, "sums": [loss, mse,
+kl, images, seconds]}`` (the epoch's running totals over all ranks, for its loss.csv row).
+No RNG state is stored: the trainer reseeds before every step from (seed, epoch, consumed,
+rank), so the data position determines the random numbers too.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ from distdrgn.errors import DistdrgnError
 FORMAT = "distdrgn-weights"
 VERSION = 1
 _WEIGHTS_RE = re.compile(r"^weights\.(\d+)\.pkl$")
+_STEP_RE = re.compile(r"^step\.(\d+)\.(\d+)\.pkl$")
+STEP_DIR = "checkpoints"
+KEEP_STEP_CHECKPOINTS = 2
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -42,6 +55,11 @@ def _atomic_write(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:  # make the rename itself durable
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -117,3 +135,70 @@ def weights_path(run_dir: Path, epoch: int | None = None) -> Path:
     if not epochs:
         raise DistdrgnError(f"{run_dir}: no weights.pkl or weights.N.pkl (not a training run directory?)")
     return run_dir / f"weights.{epochs[-1]}.pkl"
+
+
+# ---- resuming: step checkpoints and the latest readable checkpoint -----------------------
+
+
+def step_checkpoint_path(run_dir: Path, epoch: int, consumed: int) -> Path:
+    return Path(run_dir) / STEP_DIR / f"step.{epoch}.{consumed}.pkl"
+
+
+def resume_points(run_dir: Path) -> list[tuple[tuple[int, int], Path]]:
+    """``((epoch, consumed), path)`` of every checkpoint to resume from, newest first.
+
+    ``weights.N.pkl`` resumes at ``(N + 1, 0)``; ``checkpoints/step.E.C.pkl`` at ``(E, C)``.
+    """
+    run_dir = Path(run_dir)
+    points = [((n + 1, 0), run_dir / f"weights.{n}.pkl") for n in checkpoint_epochs(run_dir)]
+    step_dir = run_dir / STEP_DIR
+    if step_dir.is_dir():
+        for p in step_dir.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m:
+                points.append(((int(m.group(1)), int(m.group(2))), p))
+    # at equal positions prefer weights.N.pkl (its z.N.pkl was written too)
+    return sorted(points, key=lambda kp: (kp[0], kp[1].name.startswith("weights")), reverse=True)
+
+
+def load_latest(run_dir: Path, warn=None, quarantine: bool = True) -> tuple[dict[str, Any] | None, Path | None]:
+    """The newest checkpoint of ``run_dir`` that loads, and its path; (None, None) if none.
+
+    An unreadable one is reported through ``warn(message)`` and, with ``quarantine``,
+    renamed to ``NAME.corrupt`` so that it is neither retried nor counted as the newest.
+    """
+    for _, path in resume_points(run_dir):
+        try:
+            return load_weights(path), path
+        except DistdrgnError as exc:
+            if warn is not None:
+                warn(f"{exc}; using the previous checkpoint")
+            if quarantine:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+    return None, None
+
+
+def save_step_checkpoint(run_dir: Path, epoch: int, consumed: int, payload: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step.E.C.pkl`` atomically and delete all but the newest
+    :data:`KEEP_STEP_CHECKPOINTS` step checkpoints."""
+    path = step_checkpoint_path(run_dir, epoch, consumed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(path, {**payload, "epoch": epoch, "position": {"epoch": epoch, "consumed": consumed,
+                                                                **payload.get("position", {})}})
+    steps = [p for _, p in resume_points(run_dir) if p.parent.name == STEP_DIR]
+    for old in steps[KEEP_STEP_CHECKPOINTS:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete ``.NAME...tmp`` files left by writers that were killed; returns them."""
+    run_dir = Path(run_dir)
+    removed = []
+    for d in (run_dir, run_dir / STEP_DIR):
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    return removed

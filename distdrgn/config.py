@@ -64,8 +64,12 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     seed: int = 0
-    engine: str = "ddp"  # ddp | deepspeed (deepspeed is not supported yet)
+    engine: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (engine=deepspeed only; resume needs 0-2)
+    bucket_cap_mb: float = 25.0  # gradient all-reduce bucket size (DDP bucket_cap_mb; ZeRO 1-2 reduce buckets)
+    grad_comm_dtype: str = "fp32"  # fp32 | bf16: dtype of the gradient all-reduce (bf16 halves the bytes)
     checkpoint_every: int = 1  # epochs between weights.N.pkl / z.N.pkl
+    checkpoint_every_steps: int = 0  # steps between mid-epoch checkpoints/step.E.C.pkl (0 = none)
     amp: bool | str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | true | false
     beta: float | str | None = None  # None = 1/zdim; a number; or "linear:START:END:EPOCHS"
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -144,6 +148,9 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.model.domain in DOMAINS, f"model.domain must be one of {', '.join(DOMAINS)}"),
         (cfg.model.encoder in ENCODERS, f"model.encoder must be one of {', '.join(ENCODERS)}"),
         (cfg.train.engine in ENGINES, f"train.engine must be one of {', '.join(ENGINES)}"),
+        (cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
+        (cfg.train.bucket_cap_mb > 0, "train.bucket_cap_mb must be > 0"),
+        (cfg.train.grad_comm_dtype in ("fp32", "bf16"), "train.grad_comm_dtype must be fp32 or bf16"),
         (str(cfg.train.amp).lower() in AMP_MODES, "train.amp must be auto, true or false"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (cfg.model.zdim >= 0, "model.zdim must be >= 0"),
@@ -154,6 +161,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0"),
         (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
         (cfg.train.shuffle_chunks >= 1, "train.shuffle_chunks must be >= 1"),
         (cfg.data.level is None or (cfg.data.level >= 4 and cfg.data.level % 2 == 0), "data.level must be even and >= 4"),

@@ -1,37 +1,60 @@
-"""Epoch plans and the batch loader over a particle store.
+"""Streaming data over a particle store: the epoch's global order and each rank's batches.
 
-An epoch's visiting order is a pure function of ``(seed, epoch, world_size)``
-(:func:`plan_epoch`), so any rank can compute any other rank's batches, and a resumed run
-sees exactly the data an uninterrupted one would:
+Training (:class:`GlobalOrder`, :class:`StepSchedule`, :func:`stream_batches`)
+----------------------------------------------------------------------------------
+The order in which an epoch visits the N images is a pure function of ``(seed, epoch)``
+(given the store's chunking and ``train.shuffle_chunks`` = K); it does not depend on the
+number of processes:
 
-1. The store's chunks are permuted with ``default_rng([seed, epoch])`` and laid end to end
-   into one sequence of all N images.
-2. That sequence is cut into ``world_size`` contiguous segments of ``floor`` or ``ceil`` of
-   ``N / W`` images; rank ``r`` takes segment ``r``. Each rank therefore reads whole chunks
-   with large sequential reads (plus at most two partial chunks at its segment ends), and
-   every particle is seen exactly once per epoch across ranks. (Dealing chunks out as
-   ``r, r + W, ...`` instead would leave ranks with unequal image counts whenever the last
-   chunk is partial or W does not divide the number of chunks.)
-3. A rank's segment is read in windows of ``window_chunks`` chunks; the images of a window
-   are shuffled with ``default_rng([seed, epoch, rank, window])``. Memory is bounded by a
-   few windows, never the dataset.
-4. Every rank runs the same number of steps ``S = ceil(ceil(N / W) / B)``; rank r's batches
-   hold ``B`` images except at the end of its segment (the last one may be smaller, or
-   empty on a rank with one image fewer). The training loss weights each rank's summed
-   per-image loss by ``W / (images in this step over all ranks)``, so DDP's gradient
-   average is exactly the mean over the global batch (:func:`distdrgn.objective.vae_loss`).
+1. the store's chunks are permuted with ``default_rng([seed, epoch])``;
+2. the permuted chunks are grouped into windows of K consecutive chunks, and the images of
+   window ``w`` are shuffled with ``default_rng([seed, epoch, w])``;
+3. the windows laid end to end are the global sequence ``sigma`` (length N).
 
-Reading is done by a ``torch.utils.data.DataLoader`` over windows (``num_workers``
-processes, each opening the store itself); batches are cut from windows in the main
-process. :func:`iterate_batches` takes ``start_step`` so a later mid-epoch resume only has
-to skip whole windows.
+Training consumes ``sigma`` from the front in global steps. With W processes of B images
+each, a step starting at position ``c`` (images of the epoch consumed so far) takes
+``G = min(W * B, N - c)`` images ``sigma[c : c + G]``; after it ``c += G``. The state of the
+data stream is therefore one integer per epoch: a checkpoint records ``(epoch, c)`` and a
+restart with *any* world size (or batch size) continues at ``sigma[c]``, so no image is
+repeated or skipped.
+
+Within a step the G images are split between ranks so that each rank reads few chunks: the
+step's images are sorted (stably) by their chunk's place in the permuted sequence and rank
+``r`` takes the ``[G r / W, G (r + 1) / W)`` slice of that list. Batch sizes are equal (B)
+except in the epoch's last step, where they differ by at most one. Which rank processes an
+image does not change the gradient: each rank's summed per-image loss is weighted by
+``W / G`` (:meth:`StepSchedule.loss_weight`), so DDP's mean is the mean over the step.
+
+Reading (:func:`stream_batches`): a rank knows in advance which chunks it needs and at which
+step it needs each for the last time. ``DataLoader`` workers read those chunks whole (one
+large sequential read each, in order of first use); the main process keeps a chunk until its
+last step and cuts batches from the chunks it holds, into pinned memory on CUDA. Memory is
+bounded by about one window plus one step of images and the loader's prefetch, whatever N.
+A rank reads every chunk it takes an image from; with shuffling within windows, a chunk at a
+boundary between two ranks' slices is read by both, so the bytes read per epoch over all
+ranks are about ``1 + W / K`` times the dataset when a window spans several steps (small
+``W * B``) and about ``1 + C / B`` (C images per chunk) when a step spans several windows;
+``benchmarks/loader_memory.py`` measures it.
+
+:class:`DevicePrefetcher` copies the next batch to the GPU on a side stream while the current
+step runs (CUDA; on CPU it only moves batches). The Hartley transform and normalisation run
+on the device in :func:`distdrgn.objective.prepare_targets`.
+
+Encoding (:func:`plan_epoch`, :class:`WindowDataset`, :func:`iterate_batches`)
+-------------------------------------------------------------------------------
+Latents are computed in store order: :func:`plan_epoch` with ``shuffle=False`` cuts the store
+into W contiguous segments of ``floor``/``ceil`` of ``N / W`` images, rank ``r`` takes segment
+``r`` (read in windows of chunks), and the segments gathered in rank order are the store
+order (:mod:`distdrgn.encode`). With ``shuffle=True`` the chunks are first permuted and each
+window shuffled (a world-size-dependent order, kept for tests and tools that want a rank's
+segment of a shuffled epoch).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -180,7 +203,7 @@ class Metadata:
     ctf: np.ndarray | None  # (n, 9) float32
 
     @classmethod
-    def from_store(cls, store) -> "Metadata":
+    def from_store(cls, store) -> Metadata:
         poses = store.poses
         if poses is None:
             from distdrgn.errors import StoreError
@@ -241,3 +264,235 @@ def iterate_batches(
             buf_img = torch.zeros((0, D, D), dtype=torch.float32)
         yield meta.batch(buf_pos[:0], buf_img[:0])
         step += 1
+
+
+# ---------------------------------------------------------------------------------------
+# Training: the global order, global steps, and each rank's stream of batches
+# ---------------------------------------------------------------------------------------
+
+
+class GlobalOrder:
+    """The epoch's visiting order ``sigma`` of all N images (module docstring, steps 1-3).
+
+    A pure function of ``(seed, epoch)``, the store's chunks and ``window_chunks``. Windows
+    are computed on demand (a few are cached), so memory is O(window), not O(N).
+    """
+
+    def __init__(self, chunk_ranges: list[tuple[int, int]], *, seed: int, epoch: int, window_chunks: int = 4):
+        self.seed, self.epoch, self.window_chunks = int(seed), int(epoch), int(window_chunks)
+        self.chunk_ranges = [(int(a), int(b)) for a, b in chunk_ranges]
+        self.chunks = np.random.default_rng([self.seed, self.epoch]).permutation(len(chunk_ranges))  # (n_chunks,)
+        sizes = np.array([self.chunk_ranges[c][1] - self.chunk_ranges[c][0] for c in self.chunks], dtype=np.int64)
+        self.chunk_offsets = np.concatenate([[0], np.cumsum(sizes)])  # sigma position of each permuted chunk
+        self.n = int(self.chunk_offsets[-1])
+        n_windows = -(-len(self.chunks) // self.window_chunks)
+        self.window_offsets = self.chunk_offsets[np.minimum(np.arange(n_windows + 1) * self.window_chunks,
+                                                            len(self.chunks))]
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def chunk_start(self, seq: int) -> int:
+        """Store position of the first image of the ``seq``-th chunk of the permuted sequence."""
+        return self.chunk_ranges[int(self.chunks[seq])][0]
+
+    def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions (m,), seq (m,)): store positions of window ``w`` in sigma order, and the
+        index in the permuted chunk sequence of the chunk holding each."""
+        if w not in self._cache:
+            first, stop = w * self.window_chunks, min((w + 1) * self.window_chunks, len(self.chunks))
+            natural = np.concatenate([np.arange(*self.chunk_ranges[int(self.chunks[q])], dtype=np.int64)
+                                      for q in range(first, stop)])
+            seq = np.repeat(np.arange(first, stop, dtype=np.int64), np.diff(self.chunk_offsets[first : stop + 1]))
+            perm = np.random.default_rng([self.seed, self.epoch, w]).permutation(natural.size)
+            if len(self._cache) >= 3:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[w] = (natural[perm], seq[perm])
+        return self._cache[w]
+
+    def take(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """``sigma[lo:hi]`` as (positions, seq) (see :meth:`window`)."""
+        parts_p, parts_s = [], []
+        w = max(int(np.searchsorted(self.window_offsets, lo, side="right")) - 1, 0)
+        while lo < hi:
+            pos, seq = self.window(w)
+            a, b = lo - int(self.window_offsets[w]), min(hi, int(self.window_offsets[w + 1])) - int(self.window_offsets[w])
+            parts_p.append(pos[a:b])
+            parts_s.append(seq[a:b])
+            lo = int(self.window_offsets[w + 1])
+            w += 1
+        if not parts_p:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(parts_p), np.concatenate(parts_s)
+
+    def order(self) -> np.ndarray:
+        """(N,) the whole of sigma (store positions); for tests and small stores."""
+        return self.take(0, self.n)[0]
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Global steps of W x B images over ``sigma[start:n]`` (module docstring)."""
+
+    n: int  # images in the epoch
+    start: int  # images of the epoch consumed before the first step (resume position)
+    world_size: int
+    batch_size: int  # per rank
+
+    @property
+    def n_steps(self) -> int:
+        return -(-(self.n - self.start) // (self.world_size * self.batch_size))
+
+    def bounds(self, step: int) -> tuple[int, int]:
+        """``[lo, hi)`` of sigma consumed by ``step`` (0-based from ``start``)."""
+        lo = self.start + step * self.world_size * self.batch_size
+        return lo, min(lo + self.world_size * self.batch_size, self.n)
+
+    def global_batch(self, step: int) -> int:
+        lo, hi = self.bounds(step)
+        return hi - lo
+
+    def rank_count(self, step: int, rank: int) -> int:
+        g = self.global_batch(step)
+        return g * (rank + 1) // self.world_size - g * rank // self.world_size
+
+    def loss_weight(self, step: int) -> float:
+        """``W / G``: makes DDP's gradient mean the mean over the step's G images."""
+        return self.world_size / max(self.global_batch(step), 1)
+
+    def rank_slice(self, order: GlobalOrder, step: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, seq) of the images rank ``rank`` trains on in ``step``: the rank's share
+        of the step's images sorted by chunk (so a rank touches few chunks)."""
+        lo, hi = self.bounds(step)
+        pos, seq = order.take(lo, hi)
+        by_chunk = np.argsort(seq, kind="stable")
+        g = hi - lo
+        mine = by_chunk[g * rank // self.world_size : g * (rank + 1) // self.world_size]
+        return pos[mine], seq[mine]
+
+
+class ChunkDataset(Dataset):
+    """Item ``j`` = (seq, images (k, D, D) float32) of the ``j``-th chunk a rank reads.
+
+    ``reads`` lists indices into ``order.chunks``. The store is opened lazily in each worker
+    process; every item is one whole-chunk read.
+    """
+
+    def __init__(self, store_path: str, level: int | None, order: GlobalOrder, reads: list[int]):
+        self.store_path, self.level, self.order, self.reads = str(store_path), level, order, reads
+        self._store = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None}
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor]:
+        if self._store is None:
+            from distdrgn.store import ParticleStore
+
+            self._store = ParticleStore.open(self.store_path, level=self.level)
+        seq = self.reads[j]
+        return seq, torch.from_numpy(self._store.read_chunk(int(self.order.chunks[seq])))
+
+
+def plan_reads(order: GlobalOrder, schedule: StepSchedule, rank: int) -> tuple[list[int], dict[int, int]]:
+    """The chunks (seq indices) ``rank`` needs, in order of first use, and each one's last step.
+
+    O(steps) time, O(chunks) memory.
+    """
+    reads: list[int] = []
+    last_step: dict[int, int] = {}
+    for step in range(schedule.n_steps):
+        for q in np.unique(schedule.rank_slice(order, step, rank)[1]).tolist():
+            if q not in last_step:
+                reads.append(q)
+            last_step[q] = step
+    return reads, last_step
+
+
+def stream_batches(
+    store_path: str,
+    level: int | None,
+    order: GlobalOrder,
+    schedule: StepSchedule,
+    rank: int,
+    meta: Metadata,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    stats: dict | None = None,
+) -> Iterator[Batch]:
+    """Yield rank ``rank``'s batch of every step of ``schedule`` (``schedule.n_steps`` batches).
+
+    A batch may be empty (the epoch's last step when it has fewer images than ranks).
+    ``stats``, if given, receives ``chunks_read``, ``images_read`` and ``max_held_images``.
+    """
+    reads, last_step = plan_reads(order, schedule, rank)
+    dataset = ChunkDataset(store_path, level, order, reads)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                        prefetch_factor=2 if num_workers else None)
+    chunks = iter(loader)
+    held: dict[int, torch.Tensor] = {}  # seq -> the chunk's images, until its last step
+    counts = {"chunks_read": 0, "images_read": 0, "max_held_images": 0}
+    D = None
+    for step in range(schedule.n_steps):
+        pos, seq = schedule.rank_slice(order, step, rank)
+        needed = np.unique(seq).tolist()
+        for q in needed:
+            while q not in held:  # chunks arrive in order of first use
+                got, images = next(chunks)
+                held[int(got)] = images
+                counts["chunks_read"] += 1
+                counts["images_read"] += len(images)
+        counts["max_held_images"] = max(counts["max_held_images"], sum(len(t) for t in held.values()))
+        if D is None:
+            D = next(iter(held.values())).shape[-1] if held else dataset_image_size(store_path, level)
+        out = torch.empty((len(pos), D, D), dtype=torch.float32, pin_memory=pin_memory)
+        for q in needed:
+            rows = np.flatnonzero(seq == q)
+            out[torch.from_numpy(rows)] = held[q][torch.from_numpy(pos[rows] - order.chunk_start(q))]
+            if last_step[q] == step:
+                del held[q]
+        yield meta.batch(torch.from_numpy(pos), out)
+    if stats is not None:
+        stats.update(counts)
+
+
+def dataset_image_size(store_path: str, level: int | None) -> int:
+    from distdrgn.store import ParticleStore
+
+    return ParticleStore.open(store_path, level=level).D
+
+
+class DevicePrefetcher:
+    """Iterate batches already on ``device``: on CUDA the next batch is copied on a side
+    stream (from pinned memory) while the current step runs; on CPU batches pass through."""
+
+    def __init__(self, batches: Iterator[Batch], device: torch.device):
+        self.batches = iter(batches)
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._next = self._load()
+
+    def _load(self) -> Batch | None:
+        batch = next(self.batches, None)
+        if batch is None or self.stream is None:
+            return None if batch is None else batch.to(self.device)
+        with torch.cuda.stream(self.stream):
+            return batch.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self._next
+        if batch is None:
+            raise StopIteration
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in (batch.indices, batch.images, batch.rots, batch.trans, batch.ctf):
+                if t is not None:
+                    t.record_stream(current)  # the side stream's allocator must not reuse it early
+        self._next = self._load()
+        return batch

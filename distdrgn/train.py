@@ -5,13 +5,19 @@
     distdrgn train CONFIG.yaml ...
 
 Single process, or DDP under torchrun (NCCL on GPU, gloo on CPU). Rank 0 logs and writes
-the run directory; an existing run directory is resumed from its latest ``weights.N.pkl``.
-Reads top-down: setup, resume, the training step, the epoch loop, checkpoints.
+the run directory; an existing run directory is resumed from its newest readable checkpoint
+(``weights.N.pkl`` or a mid-epoch ``checkpoints/step.E.C.pkl``), with any number of
+processes: the data position is (epoch, images consumed) of a world-size-independent order
+(:mod:`distdrgn.loader`). Under ``torchrun --max-restarts K`` a killed worker therefore costs
+at most the steps since the last step checkpoint.
+Reads top-down: setup, the training step, outputs and checkpoints, the program (resume, epoch
+loop, step loop).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -23,17 +29,42 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from distdrgn.checkpoint import checkpoint_epochs, load_weights, save_weights, save_z
+from distdrgn.checkpoint import (
+    load_latest,
+    load_weights,
+    remove_stale_temporaries,
+    save_step_checkpoint,
+    save_weights,
+    save_z,
+)
 from distdrgn.config import Config, dump_config, load_config
 from distdrgn.encode import encode_segment, gather_segments
+from distdrgn.engine import (
+    Engine,
+    build_engine,
+    close_process_group,
+    init_process_group,
+)
 from distdrgn.errors import DistdrgnError, StoreError
-from distdrgn.loader import Metadata, WindowDataset, iterate_batches, plan_epoch
+from distdrgn.loader import (
+    DevicePrefetcher,
+    GlobalOrder,
+    Metadata,
+    StepSchedule,
+    stream_batches,
+)
 from distdrgn.metrics import TrainingMetrics
 from distdrgn.model import CryoDRGN, ModelInfo
-from distdrgn.objective import Batch, Preprocess, hartley_std, parse_beta, prepare_targets, vae_loss
+from distdrgn.objective import (
+    Batch,
+    Preprocess,
+    hartley_std,
+    parse_beta,
+    prepare_targets,
+    vae_loss,
+)
 
 log = logging.getLogger("distdrgn.train")
 progress_log = logging.getLogger("distdrgn.train.progress")  # run.log only (the console has the tqdm bar)
@@ -70,21 +101,28 @@ def init_runtime(cfg: Config) -> Runtime:
     device = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
+    backend = "nccl" if want_cuda else "gloo"
+    if world_size > 1 and cfg.train.engine == "ddp" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        init_restartable_process_group(backend, device, world_size)
+    init_process_group(cfg.train.engine, backend, device, world_size)  # no-op if the group exists
     rank = dist.get_rank() if world_size > 1 else 0
     amp = str(cfg.train.amp).lower()
     use_amp = amp == "true" or (amp == "auto" and device.type == "cuda")
     return Runtime(rank, world_size, device, torch.bfloat16 if use_amp else None)
 
 
-def check_engine(cfg: Config) -> None:
-    if cfg.train.engine == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise DistdrgnError("train.engine=deepspeed: DeepSpeed is not installed (and not supported yet); use train.engine=ddp") from None
-        raise DistdrgnError("train.engine=deepspeed is not supported yet; use train.engine=ddp")
+def init_restartable_process_group(backend: str, device: torch.device, world_size: int) -> None:
+    """Join the group through torchrun's agent store, namespaced by the restart count.
+
+    The agent's store outlives a ``--max-restarts`` restart, and with it the peers' addresses
+    that gloo publishes there: a restarted rank could read a dead peer's address and fail to
+    connect (seen on CPU). Keys under ``attempt_<restart>`` are fresh in every attempt.
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world_size,
+                          is_master=False)
+    attempt = dist.PrefixStore(f"distdrgn/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=attempt, rank=int(os.environ["RANK"]), world_size=world_size,
+                            device_id=device if backend == "nccl" else None)
 
 
 def setup_logging(out_dir: Path, is_main: bool) -> None:
@@ -130,9 +168,47 @@ def choose_ht_std(store, cfg: Config) -> tuple[float, str]:
     return hartley_std(torch.from_numpy(store.images(idx)), prep), f"estimated on {len(idx)} images"
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """The RNG (reparameterisation noise) is a function of (seed, epoch, rank): resumable."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+def seed_step(seed: int, epoch: int, consumed: int, rank: int) -> None:
+    """Reseed before each step: the noise is a function of (seed, epoch, data position, rank),
+    so a run resumed from any step checkpoint draws what an uninterrupted one would."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, consumed, rank]).generate_state(1)[0]))
+
+
+@dataclass
+class TestHooks:
+    """Instrumentation for the fault-tolerance tests, inert unless their env vars are set.
+
+    ``DISTDRGN_TEST_PIDFILE``: each process appends ``PID RANK RESTART`` at start.
+    ``DISTDRGN_TEST_SAMPLE_DIR``: each process writes ``samples.PID.jsonl``: its resume
+    point and attempt (torchrun run id / restart count), then the ids of every step it trained. ``DISTDRGN_TEST_STEP_SECONDS``: sleep
+    after each step (so a test can act mid-epoch).
+    """
+
+    samples: object = None  # open file or None
+    step_seconds: float = 0.0
+
+    @classmethod
+    def from_env(cls, rt: Runtime, epoch: int, consumed: int) -> TestHooks:
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("DISTDRGN_TEST_PIDFILE"):
+            with open(os.environ["DISTDRGN_TEST_PIDFILE"], "a") as fh:
+                fh.write(f"{os.getpid()} {rt.rank} {restart}\n")
+        samples = None
+        if os.environ.get("DISTDRGN_TEST_SAMPLE_DIR"):
+            path = Path(os.environ["DISTDRGN_TEST_SAMPLE_DIR"]) / f"samples.{os.getpid()}.jsonl"
+            samples = open(path, "a")  # noqa: SIM115 (appended to at every step until the process ends)
+            attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', f'pid{os.getpid()}')}/{restart}"
+            samples.write(json.dumps({"resume": [epoch, consumed], "time": time.time(), "rank": rt.rank,
+                                      "world_size": rt.world_size, "attempt": attempt}) + "\n")
+            samples.flush()
+        return cls(samples, float(os.environ.get("DISTDRGN_TEST_STEP_SECONDS", "0")))
+
+    def after_step(self, epoch: int, consumed: int, indices: torch.Tensor) -> None:
+        if self.samples is not None:
+            self.samples.write(json.dumps({"epoch": epoch, "lo": consumed, "ids": indices.tolist()}) + "\n")
+            self.samples.flush()
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,14 +216,14 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def train_step(model, optimizer, batch: Batch, prep: Preprocess, lattice, beta: float, weight: float, rt: Runtime):
+def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: float, weight: float, rt: Runtime):
     targets = prepare_targets(batch, prep, lattice)
     with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
-        pred, mu, logvar = model(batch.rots, targets.y_enc, sample=True)
+        pred, mu, logvar = engine(batch.rots, targets.y_enc, sample=True)
     terms = vae_loss(pred, targets, mu, logvar, beta, weight)
-    optimizer.zero_grad(set_to_none=True)
-    terms.loss.backward()
-    optimizer.step()
+    engine.zero_grad()
+    engine.backward(terms.loss)
+    engine.step()
     return terms
 
 
@@ -213,34 +289,101 @@ def copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def write_checkpoint(epoch, cfg, model, optimizer, info, prep, store, out_dir, rt, zs, final: bool) -> None:
-    """weights.N.pkl (+ z.N.pkl); with ``final`` also weights.pkl / z.pkl. Rank 0 writes."""
-    rng_cpu = torch.get_rng_state()
-    rng_all = [None] * rt.world_size
+@dataclass
+class EpochTotals:
+    """Running sums of an epoch over all ranks: carried by a step checkpoint into a resumed run."""
+
+    sums: list[float]  # loss, mse, kl (image-weighted), images
+    seconds: float
+
+
+@dataclass
+class Run:
+    """Everything one training process holds (built by :func:`_train`)."""
+
+    cfg: Config
+    rt: Runtime
+    out_dir: Path
+    store: object
+    meta: Metadata
+    prep: Preprocess
+    info: ModelInfo
+    model: CryoDRGN
+    engine: Engine
+    beta_at: object
+    metrics: TrainingMetrics | None
+    hooks: TestHooks
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return [self.store.chunk_range(c) for c in range(self.store.n_chunks)]
+
+    def payload(self) -> dict | None:
+        """The checkpoint dict on rank 0 (None elsewhere); every rank must call it."""
+        states = self.engine.state_dict()  # collective under DeepSpeed ZeRO (gathers partitions)
+        if not self.rt.is_main:
+            return None
+        return {
+            **states,  # model_state_dict, optimizer_state_dict (Adam form), scaler_state_dict
+            "model_info": asdict(self.info),
+            "preprocess": asdict(self.prep),
+            "config": self.cfg.to_dict(),
+            "store": {"path": str(self.store.path), "n": self.store.n, "D": self.store.D, "apix": self.store.apix},
+        }
+
+    def save_epoch(self, epoch: int, zs, final: bool) -> None:
+        """weights.N.pkl (+ z.N.pkl); with ``final`` also weights.pkl / z.pkl. Rank 0 writes."""
+        payload = self.payload()
+        if self.rt.is_main:
+            save_weights(self.out_dir / f"weights.{epoch}.pkl", {"epoch": epoch, **payload})
+            if zs is not None:
+                save_z(self.out_dir / f"z.{epoch}.pkl", *zs)
+            if final:
+                copy_atomic(self.out_dir / f"weights.{epoch}.pkl", self.out_dir / "weights.pkl")
+                if zs is not None:
+                    copy_atomic(self.out_dir / f"z.{epoch}.pkl", self.out_dir / "z.pkl")
+        if self.metrics:
+            self.metrics.checkpoint_written()
+
+    def save_step(self, epoch: int, consumed: int, sums: torch.Tensor, seconds: float) -> None:
+        """checkpoints/step.E.C.pkl: model, optimizer, scaler and the data position (every rank calls)."""
+        totals = sums.clone()
+        if self.rt.distributed:
+            dist.all_reduce(totals)
+        payload = self.payload()
+        if self.rt.is_main:
+            path = save_step_checkpoint(self.out_dir, epoch, consumed, {
+                **payload, "position": {"sums": totals.tolist(), "seconds": seconds}})
+            progress_log.info("epoch %d: %d/%d images, wrote %s", epoch, consumed, self.store.n,
+                              path.relative_to(self.out_dir))
+        if self.metrics:
+            self.metrics.checkpoint_written()
+
+
+def find_checkpoint(out_dir: Path, rt: Runtime) -> tuple[dict | None, Path | None]:
+    """The newest readable checkpoint (rank 0 chooses, falling back past damaged ones)."""
+    ckpt = path = None
+    if rt.is_main:
+        for tmp in remove_stale_temporaries(out_dir):
+            log.info("removed %s (left by an interrupted write)", tmp.name)
+        ckpt, path = load_latest(out_dir, warn=log.warning)
     if rt.distributed:
-        dist.all_gather_object(rng_all, rng_cpu)
-    else:
-        rng_all = [rng_cpu]
-    if not rt.is_main:
-        return
-    payload = {
-        "epoch": epoch,
-        "model_state_dict": model.state_dict(),
-        "optimizer_state_dict": optimizer.state_dict(),
-        "scaler_state_dict": None,  # bf16 autocast needs no loss scaling
-        "model_info": asdict(info),
-        "preprocess": asdict(prep),
-        "config": cfg.to_dict(),
-        "rng": {"torch_cpu": rng_all, "world_size": rt.world_size},
-        "store": {"path": str(store.path), "n": store.n, "D": store.D, "apix": store.apix},
-    }
-    save_weights(out_dir / f"weights.{epoch}.pkl", payload)
-    if zs is not None:
-        save_z(out_dir / f"z.{epoch}.pkl", *zs)
-    if final:
-        copy_atomic(out_dir / f"weights.{epoch}.pkl", out_dir / "weights.pkl")
-        if zs is not None:
-            copy_atomic(out_dir / f"z.{epoch}.pkl", out_dir / "z.pkl")
+        box = [None if path is None else str(path)]
+        dist.broadcast_object_list(box, src=0)
+        if not rt.is_main and box[0] is not None:
+            path = Path(box[0])
+            ckpt = load_weights(path)
+    return ckpt, path
+
+
+def resume_position(ckpt: dict | None) -> tuple[int, int, EpochTotals | None]:
+    """(epoch, images of it consumed, its running totals) to continue from."""
+    if ckpt is None:
+        return 0, 0, None
+    if "position" in ckpt:
+        pos = ckpt["position"]
+        return int(pos["epoch"]), int(pos["consumed"]), EpochTotals(list(pos["sums"]), float(pos["seconds"]))
+    return int(ckpt["epoch"]) + 1, 0, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,15 +393,13 @@ def write_checkpoint(epoch, cfg, model, optimizer, info, prep, store, out_dir, r
 
 def train(cfg: Config) -> Path:
     """Run (or resume) training as configured; returns the run directory."""
-    check_engine(cfg)
     if not cfg.output.dir:
         raise DistdrgnError("output.dir is not set (give it in the config or as output.dir=PATH)")
     rt = init_runtime(cfg)
     try:
         return _train(cfg, rt)
     finally:
-        if rt.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()  # DeepSpeed makes a group even for one process
 
 
 def _train(cfg: Config, rt: Runtime) -> Path:
@@ -272,14 +413,16 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     setup_logging(out_dir, rt.is_main)
 
     # ---- resume or start -------------------------------------------------------------
-    done = checkpoint_epochs(out_dir)
-    ckpt = load_weights(out_dir / f"weights.{done[-1]}.pkl") if done else None
-    start_epoch = ckpt["epoch"] + 1 if ckpt else 0
+    ckpt, ckpt_path = find_checkpoint(out_dir, rt)
+    start_epoch, start, carried = resume_position(ckpt)
     if ckpt:
         prep = Preprocess(**ckpt["preprocess"])
         info = ModelInfo(**ckpt["model_info"])
         if info != ModelInfo.from_config(cfg.model, store.D, cfg.train.seed):
             raise DistdrgnError(f"{out_dir}: the run was started with another model or box size; use a new output.dir")
+        if int(ckpt["store"]["n"]) != store.n:
+            raise DistdrgnError(f"{out_dir}: the run was started on a store of {ckpt['store']['n']} images, "
+                                f"{store.path} has {store.n}; use a new output.dir")
         norm_source = "checkpoint"
     else:
         ht_std, norm_source = choose_ht_std(store, cfg)
@@ -295,12 +438,13 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     )
 
     model = CryoDRGN(info).to(rt.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine = build_engine(model, cfg, rt)
     if ckpt:
-        model.load_state_dict(ckpt["model_state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        log.info("resumed from weights.%d.pkl: continuing at epoch %d", ckpt["epoch"], start_epoch)
-    ddp_model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else model
+        engine.load_state_dict(ckpt)
+        log.info("resumed from %s: continuing at epoch %d, image %d of %d", ckpt_path.relative_to(out_dir),
+                 start_epoch, start, store.n)
+        del ckpt  # the optimizer holds its own copy now
+    log.info("engine: %s%s", engine.name, f" (ZeRO stage {cfg.train.zero_stage})" if engine.name == "deepspeed" else "")
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: zdim=%d, encoder %s %dx%d, decoder %dx%d, pe %s (pe_dim %d), domain %s; %d parameters",
              info.zdim, info.encoder, info.enc_layers, info.enc_dim, info.dec_layers, info.dec_dim, info.pe_type,
@@ -310,8 +454,8 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     if metrics:
         metrics.serve(cfg.metrics.port)
         log.info("serving Prometheus metrics on port %d", cfg.metrics.port)
-    beta_at = parse_beta(cfg.train.beta, info.zdim)
-    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
+    run = Run(cfg, rt, out_dir, store, meta, prep, info, model, engine, parse_beta(cfg.train.beta, info.zdim),
+              metrics, TestHooks.from_env(rt, start_epoch, start))
     try:
         if start_epoch >= cfg.train.epochs:
             log.info("nothing to do: %d epoch(s) already trained (train.epochs=%d)", start_epoch, cfg.train.epochs)
@@ -320,9 +464,7 @@ def _train(cfg: Config, rt: Runtime) -> Path:
                 if (out_dir / f"z.{start_epoch - 1}.pkl").exists():
                     copy_atomic(out_dir / f"z.{start_epoch - 1}.pkl", out_dir / "z.pkl")
         for epoch in range(start_epoch, cfg.train.epochs):
-            plan = plan_epoch(chunks, seed=cfg.train.seed, epoch=epoch, rank=rt.rank, world_size=rt.world_size,
-                              batch_size=cfg.train.batch_size, window_chunks=cfg.train.shuffle_chunks)
-            run_epoch(epoch, plan, ddp_model, model, optimizer, prep, store, meta, cfg, rt, beta_at, metrics, out_dir)
+            run_epoch(run, epoch, start if epoch == start_epoch else 0, carried if epoch == start_epoch else None)
             last = epoch == cfg.train.epochs - 1
             if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
                 zs = None
@@ -331,75 +473,103 @@ def _train(cfg: Config, rt: Runtime) -> Path:
                                                 rank=rt.rank, world_size=rt.world_size, device=rt.device,
                                                 amp_dtype=rt.amp_dtype, num_workers=cfg.train.num_workers)
                     zs = gather_segments(mu, logvar, store.n, rt.world_size)
-                write_checkpoint(epoch, cfg, model, optimizer, info, prep, store, out_dir, rt, zs, final=last)
+                run.save_epoch(epoch, zs, final=last)
                 if rt.is_main:
                     plot_loss(out_dir)
                     log.info("epoch %d: wrote weights.%d.pkl%s", epoch, epoch, f" and z.{epoch}.pkl" if zs else "")
-                if metrics:
-                    metrics.checkpoint_written()
     finally:
         if metrics:
             metrics.close()
     return out_dir
 
 
-def run_epoch(epoch, plan, ddp_model, model, optimizer, prep, store, meta, cfg, rt, beta_at, metrics, out_dir):
-    """One pass over the data; rank 0 shows progress and appends the epoch's row to loss.csv."""
-    seed_epoch(cfg.train.seed, epoch, rt.rank)
-    model.train()
-    dataset = WindowDataset(str(store.path), store.D, plan)
-    batches = iterate_batches(dataset, meta, num_workers=cfg.train.num_workers, pin_memory=rt.device.type == "cuda")
+def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> None:
+    """Train on the epoch's global order from image ``start`` on; rank 0 appends the epoch's
+    loss.csv row. Writes a step checkpoint every ``train.checkpoint_every_steps`` steps."""
+    cfg, rt, store = run.cfg, run.rt, run.store
+    order = GlobalOrder(run.chunks, seed=cfg.train.seed, epoch=epoch, window_chunks=cfg.train.shuffle_chunks)
+    schedule = StepSchedule(store.n, start, rt.world_size, cfg.train.batch_size)
+    batches = DevicePrefetcher(stream_batches(str(store.path), store.D, order, schedule, rt.rank, run.meta,
+                                              num_workers=cfg.train.num_workers, pin_memory=rt.device.type == "cuda"),
+                               rt.device)
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, mse, kl (image-weighted), images
-    bar = tqdm(total=int(plan.batch_sizes.sum()), desc=f"epoch {epoch}", unit="img", disable=not rt.is_main,
-               dynamic_ncols=True, leave=False)
-    t_epoch = t_log = time.perf_counter()
-    images_since_log = 0
-    for step in range(plan.n_steps):
+    if carried and rt.is_main:  # the part of the epoch trained before the restart, counted once
+        sums += torch.tensor(carried.sums, dtype=torch.float64, device=rt.device)
+    seconds_before = carried.seconds if carried else 0.0
+    progress = Progress(run, epoch, schedule)
+    run.model.train()
+    t_epoch = time.perf_counter()
+    for step in range(schedule.n_steps):
+        lo, hi = schedule.bounds(step)
         t0 = time.perf_counter()
-        batch = next(batches).to(rt.device, non_blocking=True)
+        batch = next(batches)
         t_data = time.perf_counter() - t0
-        beta = beta_at(epoch + step / max(plan.n_steps, 1))
-        terms = train_step(ddp_model, optimizer, batch, prep, model.lattice, beta, plan.loss_weight(step), rt)
+        seed_step(cfg.train.seed, epoch, lo, rt.rank)
+        beta = run.beta_at(epoch + lo / store.n)
+        terms = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step), rt)
         b = len(batch.indices)
-        sums += torch.stack([terms.mse.double() * b + beta * terms.kl.double() * b / model.lattice.n_masked,
+        sums += torch.stack([terms.mse.double() * b + beta * terms.kl.double() * b / run.model.lattice.n_masked,
                              terms.mse.double() * b, terms.kl.double() * b,
                              torch.tensor(float(b), dtype=torch.float64, device=rt.device)])
-        global_images = int(plan.batch_sizes[step].sum())
-        images_since_log += global_images
-        bar.update(global_images)
-        if metrics:
-            metrics.images.inc(global_images)
-            metrics.step_seconds.set(time.perf_counter() - t0)
-            metrics.data_wait_seconds.set(t_data)
-        if rt.is_main and ((step + 1) % cfg.train.log_every == 0 or step == plan.n_steps - 1):
-            now = time.perf_counter()
-            rate = images_since_log / max(now - t_log, 1e-9)
-            loss, kl = float(terms.mse) + beta * float(terms.kl) / model.lattice.n_masked, float(terms.kl)
-            eta = (bar.total - bar.n) / max(rate, 1e-9)
-            bar.set_postfix(loss=f"{loss:.4g}", kl=f"{kl:.3g}", refresh=False)
-            progress_log.info("epoch %d step %d/%d: %.1f img/s, loss %.5g, KL %.4g, ETA %.0fs", epoch, step + 1,
-                      plan.n_steps, rate, loss, kl, eta)
-            if metrics:
-                metrics.images_per_second.set(rate)
-                metrics.loss.set(loss)
-                metrics.mse.set(float(terms.mse))
-                metrics.kl.set(kl)
-                metrics.epoch.set(epoch)
-                if rt.device.type == "cuda":
-                    metrics.gpu_memory.set(torch.cuda.max_memory_allocated(rt.device))
-            t_log, images_since_log = now, 0
-    bar.close()
+        run.hooks.after_step(epoch, lo, batch.indices)
+        progress.update(step, hi - lo, terms, beta, time.perf_counter() - t0, t_data)
+        every = cfg.train.checkpoint_every_steps
+        if every and (step + 1) % every == 0 and hi < store.n:
+            run.save_step(epoch, hi, sums, seconds_before + time.perf_counter() - t_epoch)
+    progress.close()
     if rt.distributed:
         dist.all_reduce(sums)
     loss, mse, kl, n = (sums / torch.clamp(sums[3], min=1)).tolist()[:3] + [int(sums[3])]
-    seconds = time.perf_counter() - t_epoch
+    seconds = seconds_before + time.perf_counter() - t_epoch
     if rt.is_main:
-        beta = beta_at(epoch)
+        beta = run.beta_at(epoch)
         log.info("epoch %d/%d: loss %.6g (MSE %.6g, KL %.4g, beta %.4g), %d images in %.1fs = %.1f img/s "
                  "(%.1f per process)", epoch, cfg.train.epochs - 1, loss, mse, kl, beta, n, seconds,
                  n / seconds, n / seconds / rt.world_size)
-        append_loss_row(out_dir, {"epoch": epoch, "loss": loss, "mse": mse, "kl": kl, "beta": beta, "images": n,
-                                  "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2)})
+        append_loss_row(run.out_dir, {"epoch": epoch, "loss": loss, "mse": mse, "kl": kl, "beta": beta, "images": n,
+                                      "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2)})
+
+
+class Progress:
+    """Rank 0's tqdm bar, run.log progress lines and Prometheus gauges during an epoch."""
+
+    def __init__(self, run: Run, epoch: int, schedule: StepSchedule):
+        self.run, self.epoch, self.schedule = run, epoch, schedule
+        self.bar = tqdm(total=schedule.n, initial=schedule.start, desc=f"epoch {epoch}", unit="img",
+                        disable=not run.rt.is_main, dynamic_ncols=True, leave=False)
+        self.t_log = time.perf_counter()
+        self.images_since_log = 0
+
+    def update(self, step: int, global_images: int, terms, beta: float, step_seconds: float, data_seconds: float):
+        run, metrics = self.run, self.run.metrics
+        self.images_since_log += global_images
+        self.bar.update(global_images)
+        if metrics:
+            metrics.images.inc(global_images)
+            metrics.step_seconds.set(step_seconds)
+            metrics.data_wait_seconds.set(data_seconds)
+        last = step == self.schedule.n_steps - 1
+        if not run.rt.is_main or not ((step + 1) % run.cfg.train.log_every == 0 or last):
+            return
+        now = time.perf_counter()
+        rate = self.images_since_log / max(now - self.t_log, 1e-9)
+        loss, kl = float(terms.mse) + beta * float(terms.kl) / run.model.lattice.n_masked, float(terms.kl)
+        eta = (self.bar.total - self.bar.n) / max(rate, 1e-9)
+        self.bar.set_postfix(loss=f"{loss:.4g}", kl=f"{kl:.3g}", refresh=False)
+        progress_log.info("epoch %d step %d/%d: %.1f img/s, loss %.5g, KL %.4g, ETA %.0fs", self.epoch, step + 1,
+                          self.schedule.n_steps, rate, loss, kl, eta)
+        if metrics:
+            metrics.images_per_second.set(rate)
+            metrics.loss.set(loss)
+            metrics.mse.set(float(terms.mse))
+            metrics.kl.set(kl)
+            metrics.epoch.set(self.epoch)
+            if run.rt.device.type == "cuda":
+                metrics.gpu_memory.set(torch.cuda.max_memory_allocated(run.rt.device))
+        self.t_log, self.images_since_log = now, 0
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

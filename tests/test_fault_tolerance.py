@@ -1,0 +1,209 @@
+"""Fault tolerance on CPU with real SIGKILLs: torchrun restarts, whole-job relaunch, a truncated
+checkpoint, and resuming with another world size.
+
+The trainer's test hooks (distdrgn.train.TestHooks) write each worker's PID and, per process,
+its resume point and the particle ids of every step it trained. A step sleeps
+DISTDRGN_TEST_STEP_SECONDS so the harness can act mid-epoch: it waits until the log shows
+the run at the chosen point, then kills. From the logs the effective history is rebuilt
+(each attempt replaces what earlier ones did from its resume point on) and checked: every
+epoch consumes exactly the world-size-independent global order, each particle once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distdrgn.checkpoint import load_z, resume_points
+from distdrgn.loader import GlobalOrder
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+STEP_SECONDS = 0.03
+TIMEOUT = 120
+
+
+def overrides(store, run, tiny_overrides):
+    return [str(REPO / "configs" / "tiny.yaml"), *tiny_overrides(store, run, **{"train.epochs": EPOCHS, "train.batch_size": 8,
+                                          "train.checkpoint_every_steps": 2, "train.log_every": 1000,
+                                                                           "train.checkpoint_every": 1})]
+
+
+def launch(cmd_args, tmp: Path, nproc: int | None, max_restarts: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTDRGN_TEST_PIDFILE": str(tmp / "pids"),
+           "DISTDRGN_TEST_SAMPLE_DIR": str(tmp / "samples"), "DISTDRGN_TEST_STEP_SECONDS": str(STEP_SECONDS)}
+    (tmp / "samples").mkdir(exist_ok=True)
+    if nproc is None:  # one plain process, no torchrun
+        cmd = [sys.executable, "-m", "distdrgn.train", *cmd_args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "--max-restarts", str(max_restarts), "-m", "distdrgn.train", *cmd_args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "stderr.log", "a"),
+                            start_new_session=True)
+
+
+def read_samples(tmp: Path) -> dict[str, dict]:
+    """attempt key -> {"time", "resume", "world_size", "pids", "steps": [(epoch, lo, ids)]}."""
+    attempts: dict[str, dict] = {}
+    for f in sorted((tmp / "samples").glob("samples.*.jsonl")):
+        lines = [json.loads(line) for line in f.read_text().splitlines() if line.endswith("}")]
+        if not lines:
+            continue
+        head = lines[0]
+        a = attempts.setdefault(head["attempt"], {"time": head["time"], "resume": tuple(head["resume"]),
+                                                  "world_size": head["world_size"], "pids": [], "steps": []})
+        assert a["resume"] == tuple(head["resume"]), "the processes of one attempt resume at the same point"
+        a["time"] = min(a["time"], head["time"])
+        a["pids"].append(int(f.name.split(".")[1]))
+        a["steps"] += [(s["epoch"], s["lo"], s["ids"]) for s in lines[1:]]
+    return attempts
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str):
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {what}"
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_pids(tmp: Path, restart: int) -> list[int]:
+    path = tmp / "pids"
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [int(pid) for pid, _, r in rows if int(r) == restart]
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def check_history(tmp: Path, store) -> dict[str, dict]:
+    """Rebuild what the run effectively trained on and check it epoch by epoch."""
+    attempts = read_samples(tmp)
+    kept: dict[tuple[int, int], list[list[int]]] = {}
+    for a in sorted(attempts.values(), key=lambda a: a["time"]):
+        for key in [k for k in kept if k >= a["resume"]]:  # redone (or never checkpointed) work
+            del kept[key]
+        for epoch, lo, ids in a["steps"]:
+            kept.setdefault((epoch, lo), []).append(ids)
+    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
+    for epoch in range(EPOCHS):
+        sigma = GlobalOrder(chunks, seed=0, epoch=epoch, window_chunks=4).order()
+        los = sorted(lo for e, lo in kept if e == epoch)
+        assert los and los[0] == 0, f"epoch {epoch} does not start at image 0"
+        seen = []
+        for lo, hi in zip(los, los[1:] + [store.n]):
+            ids = np.concatenate(kept[(epoch, lo)])
+            assert np.array_equal(np.sort(ids), np.sort(sigma[lo:hi])), f"epoch {epoch} images {lo}:{hi}"
+            seen.append(ids)
+        seen = np.concatenate(seen)
+        assert len(seen) == store.n and len(np.unique(seen)) == store.n  # every particle exactly once
+    return attempts
+
+
+def check_z(run: Path, store) -> None:
+    """z.pkl holds every particle in store order: re-encoding with the final weights agrees."""
+    from distdrgn.encode import encode_store
+    from distdrgn.volumes import load_model
+
+    z_mu, _ = load_z(run / "z.pkl")
+    tm = load_model(run)
+    assert tm.epoch == EPOCHS - 1
+    mu, _ = encode_store(tm.model, tm.prep, store, device="cpu")
+    np.testing.assert_allclose(mu, z_mu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def store(small_dataset):
+    from distdrgn.store import ParticleStore
+
+    return ParticleStore.open(small_dataset["store"])
+
+
+def test_three_random_worker_kills_under_torchrun_max_restarts(small_dataset, tiny_overrides, store, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(overrides(small_dataset["store"], run, tiny_overrides), tmp_path, nproc=2, max_restarts=3)
+    rng = np.random.default_rng(12345)
+    try:
+        for restart in range(3):
+            def started(restart=restart):
+                pids = worker_pids(tmp_path, restart)
+                return len(pids) == 2 and pids
+
+            pids = wait_for(started, proc, f"the workers of attempt {restart}")
+            target = int(rng.integers(2, 9))  # steps this attempt trains (both ranks) before a kill
+
+            def progressed(pids=pids, target=target):
+                mine = [a for a in read_samples(tmp_path).values() if set(a["pids"]) & set(pids)]
+                return mine and len(mine[0]["steps"]) >= 2 * target
+
+            wait_for(progressed, proc, f"{target} steps of attempt {restart}")
+            kill(int(rng.choice(pids)))
+        assert proc.wait(timeout=TIMEOUT) == 0, (tmp_path / "stderr.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill(proc.pid)
+            for pid in worker_pids(tmp_path, 3):
+                kill(pid)
+    attempts = check_history(tmp_path, store)
+    assert len(attempts) == 4 and all(a["world_size"] == 2 for a in attempts.values())
+    resumes = [a["resume"] for a in sorted(attempts.values(), key=lambda a: a["time"])]
+    assert resumes[0] == (0, 0) and all(r > (0, 0) for r in resumes[1:])  # restarts resumed, not restarted
+    assert (run / "run.log").read_text().count("resumed from") == 3
+    check_z(run, store)
+
+
+def test_whole_job_kill_relaunch_truncated_checkpoint_and_fewer_processes(small_dataset, tiny_overrides, store,
+                                                                          tmp_path):
+    run = tmp_path / "run"
+    args = overrides(small_dataset["store"], run, tiny_overrides)
+
+    def kill_job(proc, when, what):
+        try:
+            wait_for(when, proc, what)
+        finally:
+            kill(proc.pid)
+            for pid in worker_pids(tmp_path, 0):  # torchrun's workers run in their own sessions
+                kill(pid)
+            proc.wait(timeout=TIMEOUT)
+
+    def newest():
+        points = resume_points(run)
+        return points[0][0] if points else None
+
+    # 1: the whole job is SIGKILLed once it is inside epoch 1
+    first = launch(args, tmp_path, nproc=2)
+    kill_job(first, lambda: (newest() or (0, 0)) >= (1, 32), "a step checkpoint in epoch 1")
+    at_kill = newest()
+    # 2: the same command resumes from there; killed again a few checkpoints later
+    (tmp_path / "pids").unlink()
+    second = launch(args, tmp_path, nproc=2)
+    kill_job(second, lambda: (newest() or (0, 0)) >= (at_kill[0], at_kill[1] + 64), "three more checkpoints")
+    # the relaunch continued at the newest checkpoint
+    assert at_kill in [a["resume"] for a in read_samples(tmp_path).values()]
+    # 3: the newest checkpoint is cut short; one process (W=1) resumes from the previous one
+    (key_new, path_new), (key_prev, _) = resume_points(run)[:2]
+    data = path_new.read_bytes()
+    path_new.write_bytes(data[: len(data) // 3])
+    third = launch(args, tmp_path, nproc=None)
+    assert third.wait(timeout=TIMEOUT) == 0, (tmp_path / "stderr.log").read_text()[-3000:]
+    attempts = check_history(tmp_path, store)
+    last = max(attempts.values(), key=lambda a: a["time"])
+    assert last["world_size"] == 1 and last["resume"] == key_prev and key_prev < key_new
+    log = (run / "run.log").read_text()
+    assert f"{path_new.name}: cannot read checkpoint" in log and "using the previous checkpoint" in log
+    check_z(run, store)

@@ -10,6 +10,7 @@ any key left out takes the default below (cryoDRGN's defaults). Command-line ove
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     """Whether ``value`` fits annotation ``tp``; returns (ok, value converted where lossless)."""
     origin = typing.get_origin(tp)
@@ -112,6 +116,9 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        # YAML 1.1 (PyYAML) reads exponents without a dot, like 1e-3, as strings
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
             return True, float(value)
         return False, value
     if tp is str:

@@ -152,19 +152,22 @@ def open_store(cfg: Config):
 
 
 def choose_ht_std(store, cfg: Config) -> tuple[float, str]:
-    """The Hartley normalisation: the store's statistic when it matches the window, else estimated."""
-    d = cfg.data
-    default_window = (d.window_inner, d.window_outer) == (0.85, 0.99)
+    """The Hartley normalisation: std of the symmetrised HT of the images *before* the window.
+
+    cryoDRGN (4.3.1 checked) estimates it on unwindowed images and then divides the windowed
+    ones by it; doing the same keeps the balance between the error term and the KL (beta)
+    identical. The store's statistic is used when present, else it is estimated.
+    """
     try:
-        norm = store.norm()
+        value = store.norm().get("ht_std_nowindow")
     except StoreError:
-        norm = {}
-    key = "ht_std" if d.window else "ht_std_nowindow"
-    if (default_window or not d.window) and norm.get(key):
-        return float(norm[key]), f"store ({key})"
+        value = None
+    if value:
+        return float(value), "store (ht_std_nowindow)"
+    d = cfg.data
     rng = np.random.default_rng(cfg.train.seed)
     idx = np.sort(rng.choice(store.n, size=min(store.n, d.norm_images), replace=False))
-    prep = Preprocess(store.D, d.invert, d.window, d.window_inner, d.window_outer)
+    prep = Preprocess(store.D, d.invert, window=False)
     return hartley_std(torch.from_numpy(store.images(idx)), prep), f"estimated on {len(idx)} images"
 
 

@@ -73,3 +73,14 @@ def test_cli_reports_config_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distdrgn.train", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    """PyYAML reads 1e-3 as a string (YAML 1.1); float keys accept it, other strings stay errors."""
+    from distdrgn.config import load_config
+    from distdrgn.errors import DistdrgnError
+
+    cfg = load_config(None, ["train.lr=1e-3", "data.store=x", "output.dir=y"])
+    assert cfg.train.lr == 1e-3
+    with pytest.raises(DistdrgnError, match="train.lr"):
+        load_config(None, ["train.lr=fast", "data.store=x", "output.dir=y"])

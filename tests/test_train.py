@@ -177,3 +177,30 @@ def test_mid_epoch_resume_from_a_step_checkpoint_is_identical(small_dataset, tin
     rows_a, rows_b = read_loss(straight), read_loss(resumed)
     assert [r["epoch"] for r in rows_b] == ["0", "1"] and [r["images"] for r in rows_b] == ["192", "192"]
     assert [r["mse"] for r in rows_a] == [r["mse"] for r in rows_b]  # the epoch's totals were carried over
+
+
+def test_hartley_normalisation_is_the_unwindowed_std_like_cryodrgn(small_dataset):
+    """cryoDRGN divides windowed images by the std of the *unwindowed* HT; so must we, with or
+    without the store's statistic."""
+    from distdrgn.config import load_config
+    from distdrgn.objective import Preprocess, hartley_std
+    from distdrgn.store import ParticleStore
+    from distdrgn.train import choose_ht_std
+
+    store = ParticleStore.open(small_dataset["store"])
+    cfg = load_config(None, [f"data.store={small_dataset['store']}", "output.dir=unused", "data.norm_images=100000"])
+    value, source = choose_ht_std(store, cfg)
+    assert value == pytest.approx(store.norm()["ht_std_nowindow"]) and "nowindow" in source
+
+    class NoStats:  # a store without statistics: estimated on (here) every image
+        n, D = store.n, store.D
+        images = store.images
+
+        def norm(self):
+            return {}
+
+    estimated, _ = choose_ht_std(NoStats(), cfg)
+    direct = hartley_std(torch.from_numpy(store.images(np.arange(store.n))), Preprocess(store.D, window=False))
+    assert estimated == pytest.approx(direct)
+    windowed = hartley_std(torch.from_numpy(store.images(np.arange(store.n))), Preprocess(store.D, window=True))
+    assert windowed < 0.95 * estimated  # the window removes power: the two choices really differ

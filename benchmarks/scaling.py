@@ -144,7 +144,7 @@ def _worker(rank: int, world: int, port: int, args, store_path: str, result_path
     from torch.nn.parallel import DistributedDataParallel
 
     from distdrgn.config import ModelConfig
-    from distdrgn.loader import Metadata, WindowDataset, iterate_batches, plan_epoch
+    from distdrgn.loader import GlobalOrder, Metadata, StepSchedule, stream_batches
     from distdrgn.model import CryoDRGN, ModelInfo
     from distdrgn.objective import Preprocess, prepare_targets, vae_loss
     from distdrgn.store import ParticleStore
@@ -164,20 +164,21 @@ def _worker(rank: int, world: int, port: int, args, store_path: str, result_path
     n_params = sum(p.numel() for p in params)
     rows = {"data": [], "compute": [], "allreduce": [], "synced": [], "optimizer": []}
 
-    def batches(epoch):
-        plan = plan_epoch(chunks, seed=0, epoch=epoch, rank=rank, world_size=world, batch_size=args.batch)
-        return plan, iterate_batches(WindowDataset(str(store.path), store.D, plan), meta, num_workers=0)
+    def batches(epoch):  # the training data path: the global order cut into global steps of W x B
+        order = GlobalOrder(chunks, seed=0, epoch=epoch, window_chunks=4)
+        schedule = StepSchedule(store.n, 0, world, args.batch)
+        return schedule, stream_batches(str(store.path), store.D, order, schedule, rank, meta, num_workers=0)
 
     def loss_of(batch, net):
         t = prepare_targets(batch, prep, model.lattice)
         pred, mu, logvar = net(batch.rots, t.y_enc, sample=True)
         return vae_loss(pred, t, mu, logvar, 0.125).loss
 
-    epoch, (plan, it), step = 0, batches(0), 0
+    epoch, (schedule, it), step = 0, batches(0), 0
     for i in range(args.warmup + args.steps):
-        if step == plan.n_steps:
+        if step == schedule.n_steps:
             epoch, step = epoch + 1, 0
-            plan, it = batches(epoch)
+            schedule, it = batches(epoch)
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()

@@ -3,6 +3,8 @@
 Used at training checkpoints (distributed: each rank encodes a contiguous segment of the
 store and the segments are gathered in rank order, which is store order) and by
 ``distdrgn encode`` for any store with poses (the encoder input is the translated image).
+Images are read by the training reader (:func:`distdrgn.loader.stream_batches`) over the
+store order (``GlobalOrder(shuffle=False)``) with a :class:`~distdrgn.loader.SegmentSchedule`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from distdrgn.errors import DistdrgnError
-from distdrgn.loader import Metadata, WindowDataset, iterate_batches, plan_epoch
+from distdrgn.loader import DevicePrefetcher, GlobalOrder, Metadata, SegmentSchedule, stream_batches
 from distdrgn.model import CryoDRGN
 from distdrgn.objective import Preprocess, prepare_targets
 
@@ -38,14 +40,16 @@ def encode_segment(
     if store.D != prep.D:
         raise DistdrgnError(f"{store.path}: images are {store.D} px but the model was trained at {prep.D} px (choose the store level)")
     chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
-    plan = plan_epoch(chunks, seed=0, epoch=0, rank=rank, world_size=world_size, batch_size=batch_size, window_chunks=1, shuffle=False)
-    meta = Metadata.from_store(store)
-    dataset = WindowDataset(str(store.path), store.D, plan)
+    order = GlobalOrder(chunks, seed=0, epoch=0, window_chunks=1, shuffle=False)
+    schedule = SegmentSchedule(store.n, world_size, batch_size)
+    batches = stream_batches(str(store.path), store.D, order, schedule, rank, Metadata.from_store(store),
+                             num_workers=num_workers, pin_memory=device.type == "cuda")
     mus, logvars = [], []
     was_training = model.training
     model.eval()
-    for batch in iterate_batches(dataset, meta, num_workers=num_workers, pin_memory=device.type == "cuda"):
-        batch = batch.to(device, non_blocking=True)
+    for batch in DevicePrefetcher(batches, device):
+        if len(batch.indices) == 0:  # the last step of a rank whose segment is one image shorter
+            continue
         targets = prepare_targets(batch, prep, model.lattice)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             mu, logvar = model.encode(targets.y_enc)
@@ -63,7 +67,8 @@ def gather_segments(mu: torch.Tensor, logvar: torch.Tensor, n: int, world_size: 
     """All ranks' segments concatenated in rank order -> (n, zdim) numpy float32 on every rank."""
     if world_size == 1:
         return mu.cpu().numpy(), logvar.cpu().numpy()
-    counts = [n * (r + 1) // world_size - n * r // world_size for r in range(world_size)]
+    segments = SegmentSchedule(n, world_size, 1)
+    counts = [hi - lo for lo, hi in map(segments.segment, range(world_size))]
     width = max(counts)
     both = torch.cat([mu, logvar], 1)
     padded = torch.zeros((width, both.shape[1]), device=both.device, dtype=both.dtype)

@@ -40,19 +40,18 @@ ranks are about ``1 + W / K`` times the dataset when a window spans several step
 step runs (CUDA; on CPU it only moves batches). The Hartley transform and normalisation run
 on the device in :func:`distdrgn.objective.prepare_targets`.
 
-Encoding (:func:`plan_epoch`, :class:`WindowDataset`, :func:`iterate_batches`)
--------------------------------------------------------------------------------
-Latents are computed in store order: :func:`plan_epoch` with ``shuffle=False`` cuts the store
-into W contiguous segments of ``floor``/``ceil`` of ``N / W`` images, rank ``r`` takes segment
-``r`` (read in windows of chunks), and the segments gathered in rank order are the store
-order (:mod:`distdrgn.encode`). With ``shuffle=True`` the chunks are first permuted and each
-window shuffled (a world-size-dependent order, kept for tests and tools that want a rank's
-segment of a shuffled epoch).
+Encoding (:class:`GlobalOrder` with ``shuffle=False``, :class:`SegmentSchedule`)
+------------------------------------------------------------------------------------
+Latents are computed in store order through the same reader: with ``shuffle=False`` sigma is
+the store order (chunks in order, no shuffle within windows), and :class:`SegmentSchedule`
+gives rank ``r`` the contiguous segment ``sigma[N r / W : N (r + 1) / W]`` (sizes differ by
+at most one image), cut into batches of B from its start. Each chunk is read whole, once per
+rank whose segment it overlaps; the segments gathered in rank order are the store order
+(:mod:`distdrgn.encode`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,137 +60,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distdrgn.objective import Batch
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Images ``[start, stop)`` (store positions) of chunk ``chunk``."""
-
-    chunk: int
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """One rank's share of one epoch."""
-
-    seed: int
-    epoch: int
-    rank: int
-    world_size: int
-    shuffle: bool
-    windows: tuple[tuple[Piece, ...], ...]  # this rank's windows, in visiting order
-    batch_sizes: np.ndarray  # (n_steps, world_size) images per step on every rank
-
-    @property
-    def n_steps(self) -> int:
-        return int(self.batch_sizes.shape[0])
-
-    @property
-    def n_images(self) -> int:
-        """Images this rank sees in the epoch."""
-        return int(self.batch_sizes[:, self.rank].sum())
-
-    def loss_weight(self, step: int) -> float:
-        """``W / global batch`` of ``step``: makes DDP's gradient mean the global-batch mean."""
-        return self.world_size / max(int(self.batch_sizes[step].sum()), 1)
-
-    def window_positions(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(natural, perm): store positions of window ``w`` in chunk order, and the shuffle.
-
-        The visiting order of the window is ``natural[perm]``.
-        """
-        natural = np.concatenate([np.arange(p.start, p.stop, dtype=np.int64) for p in self.windows[w]])
-        if not self.shuffle:
-            return natural, np.arange(natural.size)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, w])
-        return natural, rng.permutation(natural.size)
-
-    def order(self) -> np.ndarray:
-        """(n_images,) store positions in this rank's visiting order for the epoch."""
-        parts = [nat[perm] for nat, perm in (self.window_positions(w) for w in range(len(self.windows)))]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def plan_epoch(
-    chunk_ranges: list[tuple[int, int]],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    window_chunks: int = 4,
-    shuffle: bool = True,
-) -> EpochPlan:
-    """Plan rank ``rank``'s batches of ``epoch`` (see the module docstring).
-
-    chunk_ranges: ``[(start, stop)]`` store positions of each chunk (``store.chunk_range``).
-    ``shuffle=False`` keeps the store order (for encoding latents).
-    """
-    n_chunks = len(chunk_ranges)
-    perm = np.random.default_rng([seed, epoch]).permutation(n_chunks) if shuffle else np.arange(n_chunks)
-    sizes = np.array([chunk_ranges[c][1] - chunk_ranges[c][0] for c in perm], dtype=np.int64)
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    n = int(ends[-1]) if n_chunks else 0
-    seg = [n * r // world_size for r in range(world_size + 1)]
-    a, b = seg[rank], seg[rank + 1]
-    pieces = []
-    for c, g0, g1 in zip(perm, starts, ends):
-        lo, hi = max(a, int(g0)), min(b, int(g1))
-        if lo < hi:
-            c0 = chunk_ranges[c][0]
-            pieces.append(Piece(int(c), c0 + lo - int(g0), c0 + hi - int(g0)))
-    windows = tuple(tuple(pieces[i : i + window_chunks]) for i in range(0, len(pieces), window_chunks))
-    per_rank = np.diff(seg)
-    n_steps = math.ceil(int(per_rank.max()) / batch_size) if n else 0
-    steps = np.arange(n_steps)[:, None] * batch_size
-    batch_sizes = np.clip(per_rank[None, :] - steps, 0, batch_size).astype(np.int64)
-    return EpochPlan(seed, epoch, rank, world_size, shuffle, windows, batch_sizes)
-
-
-class WindowDataset(Dataset):
-    """Item ``w`` = (positions (k,) int64, images (k, D, D) float32) of window ``w``, shuffled.
-
-    The store is opened lazily in each worker process (from its path and level).
-    """
-
-    def __init__(self, store_path: str, level: int | None, plan: EpochPlan):
-        self.store_path = str(store_path)
-        self.level = level
-        self.plan = plan
-        self._store = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_store"] = None
-        return state
-
-    def __len__(self) -> int:
-        return len(self.plan.windows)
-
-    def _open(self):
-        if self._store is None:
-            from distdrgn.store import ParticleStore
-
-            self._store = ParticleStore.open(self.store_path, level=self.level)
-        return self._store
-
-    def image_size(self) -> int:
-        return self._open().D
-
-    def __getitem__(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        store = self._open()
-        blocks = []
-        for piece in self.plan.windows[w]:
-            c0, _ = store.chunk_range(piece.chunk)
-            chunk = store.read_chunk(piece.chunk)
-            blocks.append(chunk[piece.start - c0 : piece.stop - c0])
-        natural, perm = self.plan.window_positions(w)
-        images = np.concatenate(blocks)[perm]
-        return torch.from_numpy(natural[perm]), torch.from_numpy(np.ascontiguousarray(images))
 
 
 @dataclass
@@ -221,67 +89,22 @@ class Metadata:
         return Batch(positions, images, take(self.rots), take(self.trans), take(self.ctf))
 
 
-def iterate_batches(
-    dataset: WindowDataset, meta: Metadata, *, num_workers: int = 0, pin_memory: bool = False, start_step: int = 0
-) -> Iterator[Batch]:
-    """Yield the plan's batches on this rank (exactly ``plan.n_steps`` of them, from ``start_step``).
-
-    Windows before the one holding ``start_step``'s first image are not read.
-    """
-    plan = dataset.plan
-    sizes = plan.batch_sizes[:, plan.rank]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    window_sizes = [sum(p.stop - p.start for p in win) for win in plan.windows]
-    window_starts = np.concatenate([[0], np.cumsum(window_sizes)]).astype(np.int64)
-    first_image = int(offsets[start_step]) if plan.n_steps else 0
-    first_window = max(int(np.searchsorted(window_starts, first_image, side="right")) - 1, 0)
-    subset = torch.utils.data.Subset(dataset, range(first_window, len(dataset)))
-    loader = DataLoader(
-        subset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=2 if num_workers else None,
-    )
-    buf_pos = torch.zeros(0, dtype=torch.int64)
-    buf_img: torch.Tensor | None = None
-    skip = first_image - int(window_starts[first_window]) if len(plan.windows) else 0
-    step = start_step
-    for pos, img in loader:
-        if skip:
-            pos, img, skip = pos[skip:], img[skip:], 0
-        buf_pos = torch.cat([buf_pos, pos])
-        buf_img = img if buf_img is None or len(buf_img) == 0 else torch.cat([buf_img, img])
-        while step < plan.n_steps and len(buf_pos) >= sizes[step]:
-            k = int(sizes[step])
-            yield meta.batch(buf_pos[:k], buf_img[:k])
-            buf_pos, buf_img = buf_pos[k:], buf_img[k:]
-            step += 1
-    while step < plan.n_steps:  # a rank with one image fewer ends with an empty batch
-        if buf_img is None:  # this rank got no images at all (N < world size)
-            D = dataset.image_size()
-            buf_img = torch.zeros((0, D, D), dtype=torch.float32)
-        yield meta.batch(buf_pos[:0], buf_img[:0])
-        step += 1
-
-
-# ---------------------------------------------------------------------------------------
-# Training: the global order, global steps, and each rank's stream of batches
-# ---------------------------------------------------------------------------------------
-
-
 class GlobalOrder:
     """The epoch's visiting order ``sigma`` of all N images (module docstring, steps 1-3).
 
     A pure function of ``(seed, epoch)``, the store's chunks and ``window_chunks``. Windows
     are computed on demand (a few are cached), so memory is O(window), not O(N).
+    ``shuffle=False`` gives the store order (sigma = 0..N-1, whatever the seed and epoch).
     """
 
-    def __init__(self, chunk_ranges: list[tuple[int, int]], *, seed: int, epoch: int, window_chunks: int = 4):
+    def __init__(self, chunk_ranges: list[tuple[int, int]], *, seed: int, epoch: int, window_chunks: int = 4,
+                 shuffle: bool = True):
         self.seed, self.epoch, self.window_chunks = int(seed), int(epoch), int(window_chunks)
+        self.shuffle = bool(shuffle)
         self.chunk_ranges = [(int(a), int(b)) for a, b in chunk_ranges]
-        self.chunks = np.random.default_rng([self.seed, self.epoch]).permutation(len(chunk_ranges))  # (n_chunks,)
+        n_chunks = len(self.chunk_ranges)
+        self.chunks = (np.random.default_rng([self.seed, self.epoch]).permutation(n_chunks) if self.shuffle
+                       else np.arange(n_chunks))  # (n_chunks,) the chunks in visiting order
         sizes = np.array([self.chunk_ranges[c][1] - self.chunk_ranges[c][0] for c in self.chunks], dtype=np.int64)
         self.chunk_offsets = np.concatenate([[0], np.cumsum(sizes)])  # sigma position of each permuted chunk
         self.n = int(self.chunk_offsets[-1])
@@ -302,7 +125,8 @@ class GlobalOrder:
             natural = np.concatenate([np.arange(*self.chunk_ranges[int(self.chunks[q])], dtype=np.int64)
                                       for q in range(first, stop)])
             seq = np.repeat(np.arange(first, stop, dtype=np.int64), np.diff(self.chunk_offsets[first : stop + 1]))
-            perm = np.random.default_rng([self.seed, self.epoch, w]).permutation(natural.size)
+            perm = (np.random.default_rng([self.seed, self.epoch, w]).permutation(natural.size) if self.shuffle
+                    else np.arange(natural.size))
             if len(self._cache) >= 3:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[w] = (natural[perm], seq[perm])
@@ -369,6 +193,36 @@ class StepSchedule:
         return pos[mine], seq[mine]
 
 
+@dataclass(frozen=True)
+class SegmentSchedule:
+    """Each rank's contiguous segment of sigma, in batches of B (store-order encoding).
+
+    Rank ``r`` takes ``sigma[n r / W : n (r + 1) / W]``; its step ``s`` is the ``s``-th run of
+    B images of that segment. Every rank has :attr:`n_steps` steps; a rank whose segment is
+    shorter ends with an empty batch. Same interface as :class:`StepSchedule` for
+    :func:`plan_reads` and :func:`stream_batches`.
+    """
+
+    n: int  # images in sigma
+    world_size: int
+    batch_size: int  # per rank
+
+    def segment(self, rank: int) -> tuple[int, int]:
+        """``[lo, hi)`` of sigma that rank ``rank`` processes."""
+        return self.n * rank // self.world_size, self.n * (rank + 1) // self.world_size
+
+    @property
+    def n_steps(self) -> int:
+        longest = -(-self.n // self.world_size)  # segment sizes are floor or ceil of n / W
+        return -(-longest // self.batch_size)
+
+    def rank_slice(self, order: GlobalOrder, step: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, seq) of rank ``rank``'s images in ``step``, in sigma order."""
+        lo, hi = self.segment(rank)
+        a = min(lo + step * self.batch_size, hi)
+        return order.take(a, min(a + self.batch_size, hi))
+
+
 class ChunkDataset(Dataset):
     """Item ``j`` = (seq, images (k, D, D) float32) of the ``j``-th chunk a rank reads.
 
@@ -395,7 +249,7 @@ class ChunkDataset(Dataset):
         return seq, torch.from_numpy(self._store.read_chunk(int(self.order.chunks[seq])))
 
 
-def plan_reads(order: GlobalOrder, schedule: StepSchedule, rank: int) -> tuple[list[int], dict[int, int]]:
+def plan_reads(order: GlobalOrder, schedule: StepSchedule | SegmentSchedule, rank: int) -> tuple[list[int], dict[int, int]]:
     """The chunks (seq indices) ``rank`` needs, in order of first use, and each one's last step.
 
     O(steps) time, O(chunks) memory.
@@ -414,7 +268,7 @@ def stream_batches(
     store_path: str,
     level: int | None,
     order: GlobalOrder,
-    schedule: StepSchedule,
+    schedule: StepSchedule | SegmentSchedule,
     rank: int,
     meta: Metadata,
     *,

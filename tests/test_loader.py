@@ -6,10 +6,8 @@ from distdrgn.loader import (
     DevicePrefetcher,
     GlobalOrder,
     Metadata,
+    SegmentSchedule,
     StepSchedule,
-    WindowDataset,
-    iterate_batches,
-    plan_epoch,
     plan_reads,
     stream_batches,
 )
@@ -20,81 +18,11 @@ def ranges(sizes):
     return [(int(e - s), int(e)) for s, e in zip(sizes, ends)]
 
 
-@pytest.mark.parametrize("sizes, world, batch", [([32] * 6, 1, 16), ([32] * 6, 2, 16), ([50] * 7 + [13], 3, 16),
-                                                  ([10] * 3, 4, 4), ([7], 2, 16), ([64] * 5, 4, 5)])
-def test_every_particle_once_and_equal_steps(sizes, world, batch):
-    chunks = ranges(sizes)
-    n = sum(sizes)
-    plans = [plan_epoch(chunks, seed=1, epoch=2, rank=r, world_size=world, batch_size=batch, window_chunks=2)
-             for r in range(world)]
-    orders = [p.order() for p in plans]
-    assert np.array_equal(np.sort(np.concatenate(orders)), np.arange(n))
-    assert len({p.n_steps for p in plans}) == 1
-    for r, p in enumerate(plans):
-        assert np.array_equal(p.batch_sizes, plans[0].batch_sizes)  # every rank knows every rank's sizes
-        assert p.n_images == len(orders[r])
-        assert p.batch_sizes[:, r].max() <= batch
-    counts = [len(o) for o in orders]
-    assert max(counts) - min(counts) <= 1
-    assert plans[0].batch_sizes.sum(1).min() > 0  # no global step is empty
-    # the loss weights make the DDP mean a global-batch mean
-    for s in range(plans[0].n_steps):
-        assert plans[0].loss_weight(s) == pytest.approx(world / plans[0].batch_sizes[s].sum())
-
-
-def test_order_is_a_pure_function_of_seed_and_epoch():
-    chunks = ranges([32] * 8)
-    a = plan_epoch(chunks, seed=0, epoch=1, rank=0, world_size=2, batch_size=16).order()
-    b = plan_epoch(chunks, seed=0, epoch=1, rank=0, world_size=2, batch_size=16).order()
-    c = plan_epoch(chunks, seed=0, epoch=2, rank=0, world_size=2, batch_size=16).order()
-    d = plan_epoch(chunks, seed=5, epoch=1, rank=0, world_size=2, batch_size=16).order()
-    assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, d)
-    # shuffled within bounded windows: each window of 4 chunks covers exactly 4 chunks' images
-    plan = plan_epoch(chunks, seed=0, epoch=1, rank=0, world_size=1, batch_size=16, window_chunks=4)
-    order = plan.order()
-    assert len({int(i) // 32 for i in order[:128]}) == 4
-    assert not np.array_equal(order, np.sort(order))
-    unshuffled = plan_epoch(chunks, seed=0, epoch=1, rank=1, world_size=2, batch_size=16, shuffle=False)
-    assert np.array_equal(unshuffled.order(), np.arange(128, 256))
-
-
 @pytest.fixture(scope="module")
 def store(small_dataset):
     from distdrgn.store import ParticleStore
 
     return ParticleStore.open(small_dataset["store"])
-
-
-def test_batches_hold_the_right_images_and_metadata(store):
-    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
-    assert store.n_chunks >= 4
-    plan = plan_epoch(chunks, seed=3, epoch=0, rank=1, world_size=2, batch_size=10, window_chunks=2)
-    meta = Metadata.from_store(store)
-    batches = list(iterate_batches(WindowDataset(str(store.path), None, plan), meta))
-    assert len(batches) == plan.n_steps
-    assert [len(b.indices) for b in batches] == list(plan.batch_sizes[:, 1])
-    idx = torch.cat([b.indices for b in batches]).numpy()
-    assert np.array_equal(idx, plan.order())
-    b = batches[1]
-    np.testing.assert_array_equal(b.images.numpy(), store.images(b.indices.numpy()))
-    rots, trans = store.poses
-    np.testing.assert_array_equal(b.rots.numpy(), rots[b.indices.numpy()])
-    np.testing.assert_array_equal(b.trans.numpy(), trans[b.indices.numpy()])
-    np.testing.assert_array_equal(b.ctf.numpy(), store.ctf[b.indices.numpy()])
-
-
-def test_start_step_and_workers_give_the_same_batches(store):
-    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
-    plan = plan_epoch(chunks, seed=0, epoch=4, rank=0, world_size=1, batch_size=12, window_chunks=2)
-    meta = Metadata.from_store(store)
-    ds = WindowDataset(str(store.path), None, plan)
-    full = [b.indices for b in iterate_batches(ds, meta)]
-    tail = [b.indices for b in iterate_batches(ds, meta, start_step=7)]
-    assert len(tail) == plan.n_steps - 7
-    for x, y in zip(full[7:], tail):
-        assert torch.equal(x, y)
-    with_workers = [b.indices for b in iterate_batches(ds, meta, num_workers=2)]
-    assert all(torch.equal(x, y) for x, y in zip(full, with_workers)) and len(with_workers) == len(full)
 
 
 # ---- training: the world-size-independent global order and each rank's stream ----------
@@ -123,6 +51,7 @@ def test_global_order_does_not_depend_on_the_world_size(sizes, window):
     assert np.array_equal(sigma, GlobalOrder(chunks, seed=1, epoch=2, window_chunks=window).order())
     if len(sizes) > 2:
         assert not np.array_equal(sigma, GlobalOrder(chunks, seed=1, epoch=3, window_chunks=window).order())
+        assert not np.array_equal(sigma, GlobalOrder(chunks, seed=2, epoch=2, window_chunks=window).order())
     # shuffled within windows: the first window holds exactly its chunks' images
     first = order.window_offsets[1]
     assert {int(np.searchsorted(np.cumsum(sizes), p, side="right")) for p in sigma[:first]} == \
@@ -199,3 +128,60 @@ def test_device_prefetcher_on_cpu_passes_batches_through(store):
     assert len(plain) == len(fetched) == 3
     for a, b in zip(plain, fetched):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+
+
+# ---- encoding: the store order, each rank a contiguous segment --------------------------
+
+
+@pytest.mark.parametrize("sizes, world, batch", [([32] * 6, 1, 16), ([32] * 6, 2, 16), ([50] * 7 + [13], 3, 16),
+                                                  ([10] * 3, 4, 4), ([7], 2, 16), ([3], 5, 2), ([64] * 5, 4, 5)])
+def test_segments_cover_the_store_order_once_in_rank_order(sizes, world, batch):
+    chunks = ranges(sizes)
+    n = sum(sizes)
+    order = GlobalOrder(chunks, seed=4, epoch=9, window_chunks=2, shuffle=False)
+    assert np.array_equal(order.order(), np.arange(n))  # store order whatever the seed and epoch
+    sched = SegmentSchedule(n, world, batch)
+    segments = []
+    for r in range(world):
+        parts = [sched.rank_slice(order, s, r)[0] for s in range(sched.n_steps)]
+        lo, hi = sched.segment(r)
+        # full batches from the segment's start, then the rest, then (a shorter segment) an empty one
+        expected = np.clip(hi - lo - batch * np.arange(sched.n_steps), 0, batch)
+        assert [len(p) for p in parts] == expected.tolist()
+        segments.append(np.concatenate(parts))
+        assert np.array_equal(segments[-1], np.arange(lo, hi))  # contiguous, in store order
+    assert np.array_equal(np.concatenate(segments), np.arange(n))  # every position once, ranks in order
+    counts = [len(s) for s in segments]
+    assert max(counts) - min(counts) <= 1
+    # every chunk a rank touches is read once, and only the chunks its segment overlaps
+    for r in range(world):
+        reads = plan_reads(order, sched, r)[0]
+        lo, hi = sched.segment(r)
+        assert reads == [q for q, (a, b) in enumerate(chunks) if max(a, lo) < min(b, hi)]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_segment_stream_reads_whole_chunks_in_store_order(store, world):
+    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
+    order = GlobalOrder(chunks, seed=0, epoch=0, shuffle=False)
+    sched = SegmentSchedule(store.n, world, 16)
+    meta = Metadata.from_store(store)
+    rots, trans = store.poses
+    seen = []
+    for rank in range(world):
+        stats = {}
+        batches = list(stream_batches(str(store.path), None, order, sched, rank, meta, num_workers=2 if rank == 0 else 0,
+                                      stats=stats))
+        assert len(batches) == sched.n_steps
+        idx = torch.cat([b.indices for b in batches]).numpy()
+        assert np.array_equal(idx, np.arange(*sched.segment(rank)))
+        for b in batches[:2]:
+            np.testing.assert_array_equal(b.images.numpy(), store.images(b.indices.numpy()))
+            np.testing.assert_array_equal(b.rots.numpy(), rots[b.indices.numpy()])
+            np.testing.assert_array_equal(b.trans.numpy(), trans[b.indices.numpy()])
+            np.testing.assert_array_equal(b.ctf.numpy(), store.ctf[b.indices.numpy()])
+        lo, hi = sched.segment(rank)
+        assert stats["chunks_read"] == (hi - 1) // store.chunk_images - lo // store.chunk_images + 1  # each once
+        assert stats["max_held_images"] <= 16 + 2 * store.chunk_images  # a batch and the chunks it spans
+        seen.append(idx)
+    assert np.array_equal(np.concatenate(seen), np.arange(store.n))

@@ -37,6 +37,7 @@ class DataConfig:
     window_inner: float = 0.85  # fraction of the half box where the window starts to fall
     window_outer: float = 0.99  # fraction of the half box where the window reaches 0
     norm_images: int = 1000  # images used to estimate the Hartley std when the store has none
+    allow_unverified: bool = False  # train on a store whose last `store verify` failed
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TrainConfig:
     shuffle_chunks: int = 4  # images are shuffled within windows of this many store chunks
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 50  # steps between progress log lines in run.log
+    max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/inf loss or gradient
 
 
 @dataclass
@@ -171,6 +173,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0"),
         (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
         (cfg.train.shuffle_chunks >= 1, "train.shuffle_chunks must be >= 1"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
         (cfg.data.level is None or (cfg.data.level >= 4 and cfg.data.level % 2 == 0), "data.level must be even and >= 4"),
         (0 < cfg.data.window_inner < cfg.data.window_outer, "data.window_inner must be in (0, data.window_outer)"),
     ]

@@ -10,6 +10,7 @@ process (tests) do not clash. Metric names (all ``distdrgn_*``):
 - ``distdrgn_data_wait_seconds`` (gauge): time the last step waited for its batch;
 - ``distdrgn_gpu_memory_bytes`` (gauge): peak allocated GPU memory on rank 0 (0 on CPU);
 - ``distdrgn_epoch`` (gauge): current 0-based epoch;
+- ``distdrgn_nonfinite_steps_total`` (counter): steps skipped for a NaN/inf loss or gradient;
 - ``distdrgn_last_checkpoint_timestamp_seconds`` (gauge): Unix time of the last checkpoint.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from distdrgn.errors import DistdrgnError
 
 
 class TrainingMetrics:
@@ -35,14 +38,20 @@ class TrainingMetrics:
         self.data_wait_seconds = Gauge("distdrgn_data_wait_seconds", "Time the last step waited for data", registry=r)
         self.gpu_memory = Gauge("distdrgn_gpu_memory_bytes", "Peak allocated GPU memory on rank 0", registry=r)
         self.epoch = Gauge("distdrgn_epoch", "Current epoch (0-based)", registry=r)
+        self.nonfinite_steps = Counter("distdrgn_nonfinite_steps", "Steps skipped for a non-finite loss or gradient",
+                                       registry=r)
         self.last_checkpoint = Gauge(
             "distdrgn_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint", registry=r
         )
         self._server = None
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Start the HTTP exporter (``/metrics``) in a daemon thread."""
-        result = start_http_server(port, addr=addr, registry=self.registry)
+        """Start the HTTP exporter (``/metrics``) in a daemon thread; DistdrgnError if the port is taken."""
+        try:
+            result = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise DistdrgnError(f"metrics.port={port}: cannot serve Prometheus metrics on port {port} "
+                                f"({exc.strerror or exc}); choose another port or metrics.port=null") from None
         self._server = result[0] if isinstance(result, tuple) else None
 
     def checkpoint_written(self) -> None:

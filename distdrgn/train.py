@@ -151,6 +151,20 @@ def open_store(cfg: Config):
     return ParticleStore.open(cfg.data.store, level=cfg.data.level)
 
 
+def check_verification(store, cfg: Config) -> str | None:
+    """Refuse a store whose last ``store verify`` failed (a never-verified store is accepted);
+    with ``data.allow_unverified`` return the warning to log instead."""
+    record = store.verification
+    if not record or record.get("ok"):
+        return None
+    where = (f"chunk {record['chunk']} (images {record['images'][0]}-{record['images'][1]}) at box {record['level']}"
+             if "chunk" in record else record.get("error", "unknown problem"))
+    problem = f"{store.path}: its last verification ({record.get('time')}) failed: {where}"
+    if not cfg.data.allow_unverified:
+        raise StoreError(f"{problem}; re-ingest the store, or set data.allow_unverified=true to train on it anyway")
+    return f"warning: {problem}; training on it anyway (data.allow_unverified=true)"
+
+
 def choose_ht_std(store, cfg: Config) -> tuple[float, str]:
     """The Hartley normalisation: std of the symmetrised HT of the images *before* the window.
 
@@ -220,14 +234,83 @@ class TestHooks:
 
 
 def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: float, weight: float, rt: Runtime):
+    """Forward, backward and (unless a loss or gradient is non-finite on any rank) the optimizer step.
+
+    Returns (loss terms, whether the step was taken). Every rank takes the same decision.
+    """
     targets = prepare_targets(batch, prep, lattice)
     with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
         pred, mu, logvar = engine(batch.rots, targets.y_enc, sample=True)
     terms = vae_loss(pred, targets, mu, logvar, beta, weight)
     engine.zero_grad()
     engine.backward(terms.loss)
-    engine.step()
-    return terms
+    finite = finite_on_all_ranks(terms.loss, engine.module, rt)
+    if finite:
+        engine.step()
+    return terms, finite
+
+
+def finite_on_all_ranks(loss: torch.Tensor, model: torch.nn.Module, rt: Runtime) -> bool:
+    """Whether the loss and every gradient are finite on every rank (one scalar all-reduce).
+
+    Under DDP the gradients are already averaged, so one rank's NaN image poisons all ranks'
+    gradients; the flag is still reduced so that all ranks skip together whatever the engine.
+    """
+    checks = [torch.isfinite(loss.detach()).all()]
+    checks += [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    bad = (~torch.stack(checks).all()).to(torch.float32)
+    if rt.distributed:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
+
+
+class NonfiniteSteps:
+    """Steps skipped for a non-finite loss or gradient: counted (Prometheus), logged with the
+    store positions of their images, and fatal after ``train.max_nonfinite_steps`` in a row."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.streak: list[tuple[int, int, list[int], list[int]]] = []  # (epoch, step, positions, non-finite ones)
+
+    def step_taken(self) -> None:
+        self.streak.clear()
+
+    def step_skipped(self, epoch: int, step: int, batch: Batch) -> None:
+        """Every rank calls it (the positions are gathered); raises DistdrgnError at the limit."""
+        positions, bad = self.gather(batch)
+        self.streak.append((epoch, step, positions, bad))
+        if self.run.metrics:
+            self.run.metrics.nonfinite_steps.inc()
+        log.warning("epoch %d step %d: non-finite loss or gradient, step skipped (%d in a row); images with non-finite "
+                    "pixels: %s; the step's images (store positions): %s", epoch, step, len(self.streak),
+                    _short(bad), _short(positions))
+        limit = self.run.cfg.train.max_nonfinite_steps
+        if len(self.streak) >= limit:
+            first, last = self.streak[0], self.streak[-1]
+            all_bad = sorted({i for *_, b in self.streak for i in b})
+            all_positions = sorted({i for _, _, p, _ in self.streak for i in p})
+            raise DistdrgnError(
+                f"{len(self.streak)} consecutive steps had a non-finite loss or gradient (train.max_nonfinite_steps="
+                f"{limit}; epoch {first[0]} step {first[1]} to epoch {last[0]} step {last[1]}): particles with "
+                f"non-finite pixels {_short(all_bad)}, all particles of those steps {_short(all_positions)} (store "
+                f"positions; see `distdrgn store verify`, or leave them out with ingest --ind)")
+
+    def gather(self, batch: Batch) -> tuple[list[int], list[int]]:
+        """(store positions of the step's images on all ranks, those with non-finite pixels), sorted."""
+        finite = torch.isfinite(batch.images).flatten(1).all(1)
+        mine = (batch.indices.cpu().tolist(), batch.indices[~finite].cpu().tolist())
+        parts = [mine]
+        if self.run.rt.distributed:
+            parts = [None] * self.run.rt.world_size
+            dist.all_gather_object(parts, mine)
+        return sorted(i for p in parts for i in p[0]), sorted(i for p in parts for i in p[1])
+
+
+def _short(values: list[int], keep: int = 20) -> str:
+    """``[1, 2, 3]``, or the first ``keep`` and a count."""
+    if len(values) <= keep:
+        return f"[{', '.join(map(str, values))}]"
+    return f"[{', '.join(map(str, values[:keep]))}, ... ({len(values)} in all)]"
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,12 +491,15 @@ def train(cfg: Config) -> Path:
 def _train(cfg: Config, rt: Runtime) -> Path:
     out_dir = Path(cfg.output.dir)
     store = open_store(cfg)
+    unverified = check_verification(store, cfg)
     meta = Metadata.from_store(store)
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if rt.distributed:
         dist.barrier()
     setup_logging(out_dir, rt.is_main)
+    if unverified:
+        log.warning(unverified)
 
     # ---- resume or start -------------------------------------------------------------
     ckpt, ckpt_path = find_checkpoint(out_dir, rt)
@@ -421,6 +507,9 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     if ckpt:
         prep = Preprocess(**ckpt["preprocess"])
         info = ModelInfo(**ckpt["model_info"])
+        if info.D != store.D:
+            raise DistdrgnError(f"{out_dir}: the run was trained at box {info.D} but {store.path} gives box {store.D} "
+                                f"(data.level={cfg.data.level}); train on a box-{info.D} store or level, or use a new output.dir")
         if info != ModelInfo.from_config(cfg.model, store.D, cfg.train.seed):
             raise DistdrgnError(f"{out_dir}: the run was started with another model or box size; use a new output.dir")
         if int(ckpt["store"]["n"]) != store.n:
@@ -500,6 +589,7 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         sums += torch.tensor(carried.sums, dtype=torch.float64, device=rt.device)
     seconds_before = carried.seconds if carried else 0.0
     progress = Progress(run, epoch, schedule)
+    nonfinite = NonfiniteSteps(run)
     run.model.train()
     t_epoch = time.perf_counter()
     for step in range(schedule.n_steps):
@@ -509,11 +599,15 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         t_data = time.perf_counter() - t0
         seed_step(cfg.train.seed, epoch, lo, rt.rank)
         beta = run.beta_at(epoch + lo / store.n)
-        terms = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step), rt)
-        b = len(batch.indices)
-        sums += torch.stack([terms.mse.double() * b + beta * terms.kl.double() * b / run.model.lattice.n_masked,
-                             terms.mse.double() * b, terms.kl.double() * b,
-                             torch.tensor(float(b), dtype=torch.float64, device=rt.device)])
+        terms, taken = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step), rt)
+        if taken:
+            nonfinite.step_taken()
+            b = len(batch.indices)
+            sums += torch.stack([terms.mse.double() * b + beta * terms.kl.double() * b / run.model.lattice.n_masked,
+                                 terms.mse.double() * b, terms.kl.double() * b,
+                                 torch.tensor(float(b), dtype=torch.float64, device=rt.device)])
+        else:  # not in the epoch's totals: loss.csv's "images" counts the images trained on
+            nonfinite.step_skipped(epoch, step, batch)
         run.hooks.after_step(epoch, lo, batch.indices)
         progress.update(step, hi - lo, terms, beta, time.perf_counter() - t0, t_data)
         every = cfg.train.checkpoint_every_steps

@@ -19,12 +19,18 @@ def main(args) -> int:
 
     from distdrgn.checkpoint import save_z
     from distdrgn.encode import encode_store
+    from distdrgn.errors import DistdrgnError
     from distdrgn.store import ParticleStore
     from distdrgn.volumes import load_model
 
     trained = load_model(args.run_dir, epoch=args.epoch)
+    store = ParticleStore.open(args.store)
     level = args.level if args.level is not None else trained.D
-    store = ParticleStore.open(args.store, level=level)
+    if level != trained.D or level not in store.levels:
+        raise DistdrgnError(f"{args.store}: the store's box is {store.D} (levels {store.levels}) but the model "
+                            f"{trained.path} was trained at box {trained.D}; encode a store with box {trained.D} "
+                            f"(ingest -D {trained.D} or --levels {trained.D})")
+    store = store.at_level(level)
     with tqdm(total=store.n, desc="encode", unit="img") as bar:
         z_mu, z_logvar = encode_store(trained.model, trained.prep, store, batch_size=args.batch_size,
                                       device=args.device, num_workers=args.num_workers, progress=bar)

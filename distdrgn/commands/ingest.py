@@ -18,6 +18,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ind", help="pickle of particle indices to keep (in that order)")
     parser.add_argument("--levels", default="", help="extra lower box sizes to store as well, e.g. 64,128")
     parser.add_argument("--workers", type=int, help="parallel shard writers (default: one per CPU, at most 8, within a 2 GiB memory budget)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="store images with NaN/inf pixels instead of refusing them (recorded in the store; for "
+                             "testing how training copes)")
     parser.add_argument("--force", action="store_true", help="replace an existing store or discard a different unfinished ingest")
     meta = parser.add_argument_group("metadata a .star/.cs lacks (or overrides), as in parse-ctf")
     meta.add_argument("--apix", type=float, help="pixel size of the source images (Angstrom)")
@@ -49,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
         force=args.force,
         workers=args.workers,
         progress=not args.no_progress,
+        allow_nonfinite=args.allow_nonfinite,
         metadata_options={k: getattr(args, k) for k in ("apix", "kv", "cs", "w", "ps") if getattr(args, k) is not None},
     )
     print(f"wrote {out}")

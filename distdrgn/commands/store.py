@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -11,8 +12,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     p = sub.add_parser("info", help="print a JSON summary of a store")
     p.add_argument("store")
-    p = sub.add_parser("verify", help="recompute checksums and check shapes, dtypes and finite values")
+    p = sub.add_parser("verify", help="recompute checksums and check shapes, dtypes and finite values; "
+                       "records the result in the store")
     p.add_argument("store")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not write the result into the store's attributes (training refuses a store whose "
+                        "recorded verification failed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("export", help="write a store's images (and poses/CTF) as .mrcs, .star or .cs")
     p.add_argument("store")
@@ -31,7 +36,12 @@ def main(args: argparse.Namespace) -> int:
     elif args.action == "verify":
         from distdrgn.store.verify import verify
 
-        result = verify(args.store, progress=not args.no_progress)
+        result = verify(args.store, progress=not args.no_progress, record=not args.no_record)
+        bad = result["nonfinite"]
+        if bad:  # only possible in a store ingested with --allow-nonfinite
+            shown = ", ".join(map(str, bad[:20])) + (f", ... ({len(bad)} in all)" if len(bad) > 20 else "")
+            print(f"warning: {result['path']}: {len(bad)} image(s) with non-finite pixels (ingested with "
+                  f"--allow-nonfinite), store positions: {shown}", file=sys.stderr)
         print(f"ok: {result['path']}: {result['n']} images, levels {result['levels']}, {result['chunks_checked']} chunks verified")
     elif args.action == "export":
         from distdrgn.store.export import export

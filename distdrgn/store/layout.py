@@ -35,6 +35,13 @@ CTF = "ctf"
 ORIGINAL_INDEX = "original_index"
 
 PARTIAL_SUFFIX = ".partial"
+
+# Attributes beside the format's own: ``nonfinite`` (a store ingested with allow_nonfinite:
+# {"count", "positions"} of images with NaN/inf pixels, the first MAX_RECORDED_NONFINITE
+# positions) and ``verification`` (the result of the last ``store verify``, see verify.py).
+NONFINITE_ATTR = "nonfinite"
+VERIFICATION_ATTR = "verification"
+MAX_RECORDED_NONFINITE = 1000
 PROGRESS_DIR = "progress"  # inside the partial store: one JSON record per finished shard
 
 MiB = 1 << 20

@@ -34,8 +34,12 @@ def read_store_attrs(path: Path) -> dict:
     attrs = meta.get("attributes") or {}
     if meta.get("node_type") != "group" or attrs.get("format") != L.FORMAT_NAME:
         raise StoreError(f"{path}: not a {L.FORMAT_NAME} store (format attribute is {attrs.get('format')!r})")
-    if attrs.get("version") not in L.SUPPORTED_VERSIONS:
-        raise StoreError(f"{path}: store format version {attrs.get('version')} is not supported (this distdrgn reads {L.SUPPORTED_VERSIONS})")
+    version = attrs.get("version")
+    if isinstance(version, int) and version > max(L.SUPPORTED_VERSIONS):
+        raise StoreError(f"{path}: store format version {version} is newer than this distdrgn reads "
+                         f"(up to {max(L.SUPPORTED_VERSIONS)}); upgrade distdrgn")
+    if version not in L.SUPPORTED_VERSIONS:
+        raise StoreError(f"{path}: store format version {version} is not supported (this distdrgn reads {L.SUPPORTED_VERSIONS})")
     if path.name.endswith(L.PARTIAL_SUFFIX) or attrs.get("complete") is not True:
         raise StoreError(f"{path}: incomplete store (an ingest did not finish); re-run the ingest to resume it")
     return attrs
@@ -159,6 +163,17 @@ class ParticleStore:
             return dict(self.attrs["norm"][str(level)])
         except KeyError:
             raise StoreError(f"{self.path}: no normalisation statistics at box size {level}; stored levels are {self.levels}") from None
+
+    @property
+    def verification(self) -> dict | None:
+        """The record of the last ``store verify`` (None if never verified): {"ok", "time",
+        "distdrgn_version", and when it failed "error", "level", "chunk", "images" [first, last]}."""
+        return self.attrs.get(L.VERIFICATION_ATTR)
+
+    @property
+    def nonfinite(self) -> dict | None:
+        """{"count", "positions"} of images with NaN/inf pixels (stores ingested with allow_nonfinite)."""
+        return self.attrs.get(L.NONFINITE_ATTR)
 
     def checksums(self, level: int | None = None) -> np.ndarray:
         """(n_chunks,) uint32 crc32c of each chunk at ``level`` as recorded at ingest."""

@@ -37,21 +37,70 @@ def info(path) -> dict:
         "kind": a.get("kind"),
         "created": a.get("created"),
         "provenance": a.get("provenance"),
+        "allow_nonfinite": bool(a.get("allow_nonfinite")),
+        "nonfinite": store.nonfinite,
+        "verification": store.verification,
     }
 
 
-def verify(path, progress: bool = False) -> dict:
+class ChunkError(StoreError):
+    """A damaged or unexpected image chunk: where it is, for the verification record."""
+
+    def __init__(self, message: str, level: int, chunk: int, images: tuple[int, int]):
+        super().__init__(message)
+        self.level, self.chunk, self.images = level, chunk, images
+
+
+def verify(path, progress: bool = False, record: bool = True) -> dict:
     """Recompute every chunk checksum and check shapes, dtypes and finiteness.
 
-    Returns a summary dict; raises StoreError (one line, first problem found) otherwise.
-    Reads the store one chunk at a time.
+    Returns a summary dict ({"path", "ok", "n", "levels", "chunks_checked", "nonfinite"
+    (positions of images with NaN/inf pixels, in a store ingested with allow_nonfinite),
+    "recorded"}); raises StoreError (one line, first problem found) otherwise. Reads the
+    store one chunk at a time. With ``record`` the result (ok or the failure, with the first
+    bad chunk and its image range) is written to the store's ``verification`` attribute,
+    the only change verify makes to a store; training refuses a store whose last
+    verification failed.
     """
+    store = ParticleStore.open(path)
+    try:
+        checked, nonfinite = _check(store, progress)
+    except StoreError as exc:
+        if record:
+            where = {"level": exc.level, "chunk": exc.chunk, "images": list(exc.images)} if isinstance(exc, ChunkError) else {}
+            _record(store, {"ok": False, "error": str(exc), **where})
+        raise
+    recorded = _record(store, {"ok": True, "nonfinite_images": len(nonfinite)}) if record else False
+    return {"path": str(store.path), "ok": True, "n": store.n, "levels": store.levels, "chunks_checked": checked,
+            "nonfinite": nonfinite, "recorded": recorded}
+
+
+def _record(store: ParticleStore, result: dict) -> bool:
+    """Write ``result`` (+ time, version) as the store's verification attribute; False if read-only."""
+    import datetime as _dt
+
+    import zarr
+
+    from distdrgn import __version__
+
+    entry = {**result, "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+             "distdrgn_version": __version__}
+    try:
+        zarr.open_group(store.path, mode="r+").attrs.update({L.VERIFICATION_ATTR: entry})
+    except OSError:  # a read-only copy (e.g. a shared dataset): the check itself still stands
+        return False
+    return True
+
+
+def _check(store: ParticleStore, progress: bool) -> tuple[int, list[int]]:
+    """(chunks checked, sorted positions of non-finite images where the store allows them)."""
     from tqdm import tqdm
 
-    store = ParticleStore.open(path)
     a = store.attrs
     n = store.n
     checked = 0
+    allow_nonfinite = bool(a.get("allow_nonfinite"))
+    nonfinite: set[int] = set()
     expected_meta = {L.ORIGINAL_INDEX: ((n,), np.int64)}
     if a.get("has_poses"):
         expected_meta[L.ROTS] = ((n, 3, 3), np.float32)
@@ -80,14 +129,22 @@ def verify(path, progress: bool = False) -> dict:
         if crcs is None or crcs.shape != (s.n_chunks,):
             raise StoreError(f"{store.path}: checksum array for box {level} is missing or has the wrong length")
         for c in tqdm(range(s.n_chunks), desc=f"verify {level}px", unit="chunk", disable=not progress):
+            start, stop = s.chunk_range(c)
+            where = (level, c, (start, stop - 1))
             try:
                 raw = s.raw_chunk(c)
             except Exception as exc:  # a damaged shard surfaces as a codec or index error
-                raise StoreError(f"{store.path}: cannot read chunk {c} at box {level} ({type(exc).__name__}: {exc})") from None
+                detail = (str(exc).splitlines() or [""])[0]
+                raise ChunkError(f"{store.path}: cannot read chunk {c} (images {start}-{stop - 1}) at box {level} "
+                                 f"({type(exc).__name__}: {detail}); re-ingest the store", *where) from None
             if crc32c_array(raw) != int(crcs[c]):
-                start, stop = s.chunk_range(c)
-                raise StoreError(f"{store.path}: checksum mismatch in chunk {c} (images {start}-{stop - 1}) at box {level}")
-            if not np.isfinite(raw).all():
-                raise StoreError(f"{store.path}: non-finite pixels in chunk {c} at box {level}")
+                raise ChunkError(f"{store.path}: checksum mismatch in chunk {c} (images {start}-{stop - 1}) at box {level}: "
+                                 "these particles (store positions) are damaged; re-ingest the store", *where)
+            finite = np.isfinite(raw).all(axis=(1, 2))
+            if not finite.all():
+                if not allow_nonfinite:
+                    bad = start + int(np.argmin(finite))
+                    raise ChunkError(f"{store.path}: non-finite pixels in chunk {c} at box {level} (particle {bad})", *where)
+                nonfinite.update((start + np.flatnonzero(~finite)).tolist())
             checked += 1
-    return {"path": str(store.path), "ok": True, "n": n, "levels": store.levels, "chunks_checked": checked}
+    return checked, sorted(nonfinite)

@@ -15,6 +15,10 @@ How it stays safe and small:
   is refused unless ``force``.
 * A problem with the input (non-finite pixels, ...) found mid-way removes the partial;
   an interruption or I/O error keeps it for resuming.
+* ``allow_nonfinite`` stores images with NaN/inf pixels instead of refusing them (to test how
+  training copes); the store then records ``allow_nonfinite: true`` and the positions of
+  those images (``nonfinite``), which ``store verify`` reports as a warning. They are left
+  out of the normalisation statistics.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class _Job:
     dtype: str
     sample: np.ndarray
     label: str
+    allow_nonfinite: bool = False
     shard_ids: list[int] = field(default_factory=list)
 
 
@@ -105,31 +110,41 @@ def _write_shard(job: _Job, shard: int) -> int:
     # read a chunk at a time into one shard buffer: the source reader's temporaries stay small
     block = job.plan[job.full_D].chunk_images
     images = np.empty((stop - start, job.source_D, job.source_D), dtype=np.float32)
+    finite = np.ones(stop - start, dtype=bool)
     for i in range(0, stop - start, block):
         images[i : i + block] = job.source.read(orig[i : i + block])
-        bad = ~np.isfinite(images[i : i + block]).all(axis=(1, 2))
-        if bad.any():
-            raise FormatError(f"{job.label}: particle {int(orig[i + np.argmax(bad)])} has non-finite (NaN or inf) pixels")
-    record = {"shard": shard, "start": start, "stop": stop, "levels": {}}
+        finite[i : i + block] = np.isfinite(images[i : i + block]).all(axis=(1, 2))
+        if not job.allow_nonfinite and not finite[i : i + block].all():
+            bad = int(orig[i + np.argmin(finite[i : i + block])])
+            raise FormatError(f"{job.label}: particle {bad} has non-finite (NaN or inf) pixels "
+                              "(--allow-nonfinite stores such images anyway, for testing)")
+    record = {"shard": shard, "start": start, "stop": stop, "levels": {},
+              "nonfinite": (start + np.flatnonzero(~finite)).tolist()}
     in_sample = job.sample[(job.sample >= start) & (job.sample < stop)] - start
-    for d in job.levels:
-        values = images if d == job.source_D else _downsample_blocks(images, d, job.plan[job.full_D].chunk_images)
-        with np.errstate(over="ignore"):  # overflow is reported below, as an error
+    in_sample = in_sample[finite[in_sample]]  # a NaN image would poison the statistics
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite images are stored as they are (allow_nonfinite)
+        for d in job.levels:
+            values = images if d == job.source_D else _downsample_blocks(images, d, job.plan[job.full_D].chunk_images)
             stored = values.astype(job.dtype, copy=False)
-        if job.dtype != "float32" and not np.isfinite(stored).all():
-            raise FormatError(f"{job.label}: pixel values overflow {job.dtype} at box {d}; ingest with --dtype float32")
-        arr = zarr.open_array(job.partial / L.images_name(d, job.full_D), mode="r+")
-        arr[start:stop] = stored
-        record["levels"][str(d)] = {
-            "crc32c": chunk_crc32c(stored, job.plan[d].chunk_images),
-            "norm_sums": partial_sums(stored[in_sample].astype(np.float32)),
-        }
-        del values, stored
+            if job.dtype != "float32" and not np.isfinite(stored[finite]).all():
+                raise FormatError(f"{job.label}: pixel values overflow {job.dtype} at box {d}; ingest with --dtype float32")
+            _store_level(job, d, start, stop, stored, in_sample, record)
+            del values, stored
     path = _progress_path(job.partial, shard)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, path)
     return shard
+
+
+def _store_level(job: _Job, d: int, start: int, stop: int, stored: np.ndarray, in_sample: np.ndarray, record: dict):
+    """Write one level of a shard and add its chunk checksums and normalisation sums to ``record``."""
+    arr = zarr.open_array(job.partial / L.images_name(d, job.full_D), mode="r+")
+    arr[start:stop] = stored
+    record["levels"][str(d)] = {
+        "crc32c": chunk_crc32c(stored, job.plan[d].chunk_images),
+        "norm_sums": partial_sums(stored[in_sample].astype(np.float32)),
+    }
 
 
 def _looks_like_store(path: Path) -> bool:
@@ -187,6 +202,7 @@ def ingest(
     scheduler: str = "threads",
     layout_overrides: dict | None = None,
     metadata_options: dict | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write a particle store at ``out`` from ``particles`` (.mrcs/.mrc/.txt/.star/.cs).
 
@@ -198,7 +214,8 @@ def ingest(
     ``codec``/``scheduler``/``layout_overrides`` (kwargs of :func:`layout.plan_layout`) are
     for benchmarks. ``metadata_options``: ``apix``, ``kv``, ``cs``, ``w``, ``ps`` overriding
     (or supplying, when the .star/.cs lacks them) the file's CTF values, as in
-    ``distdrgn parse-ctf``. Returns the store path. Raises DistdrgnError subclasses for bad input.
+    ``distdrgn parse-ctf``. ``allow_nonfinite``: store images with NaN/inf pixels instead of
+    refusing them (recorded in the store's attributes; for testing). Returns the store path. Raises DistdrgnError subclasses for bad input.
     """
     from distdrgn.formats.particles import resolve_particles
 
@@ -268,6 +285,7 @@ def ingest(
         "codec": codec,
         "layout": {str(d): p.to_dict() for d, p in plan.items()},
         "format_version": L.FORMAT_VERSION,
+        "allow_nonfinite": bool(allow_nonfinite),
     }
     request = json.loads(json.dumps(request))  # normalise (tuples -> lists) for comparison
 
@@ -306,6 +324,7 @@ def ingest(
         dtype=dtype,
         sample=sample_positions(n),
         label=str(particles),
+        allow_nonfinite=bool(allow_nonfinite),
     )
     workers = workers or L.default_workers(plan, itemsize, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     try:
@@ -325,6 +344,7 @@ def ingest(
         "kind": getattr(source, "kind", None),
         "has_poses": rots is not None,
         "has_ctf": ctf_arr is not None,
+        "allow_nonfinite": bool(allow_nonfinite),
         "provenance": {
             "particles": request["particles"],
             "datadir": request["datadir"],
@@ -386,8 +406,11 @@ def _finish(partial, plan, levels, full_D, n, n_shards, info):
         group.create_array(L.checksum_name(d, full_D), data=crc, chunks=(max(1, len(crc)),), compressors=None,
                            overwrite=True)
         norm[str(d)] = combine([r["levels"][str(d)]["norm_sums"] for r in records])
+    nonfinite = sorted(i for r in records for i in r.get("nonfinite", []))
     attrs = dict(group.attrs)
     attrs.update(info)
+    if info.get("allow_nonfinite"):
+        attrs["nonfinite"] = {"count": len(nonfinite), "positions": nonfinite[:L.MAX_RECORDED_NONFINITE]}
     attrs.update({
         "levels": levels,
         "layout": {str(d): plan[d].to_dict() for d in levels},

@@ -257,3 +257,36 @@ def test_ingest_relion30_star_needs_and_accepts_pixel_size(tmp_path):
     s = ParticleStore.open(out)
     assert s.n == 1000 and s.D == 30 and s.ctf is not None
     assert np.allclose(s.ctf[:, 1], 1.0) and np.allclose(s.ctf[:, 7], 0.1)
+
+
+def test_ingest_killed_mid_way_then_rerun_completes_exactly(tmp_path):
+    """A real SIGKILL of the ingest process, then the same command again: nothing lost, nothing doubled."""
+    import signal
+    import time
+
+    paths, data = make_dataset(tmp_path, n=400)
+    out = tmp_path / "s.zarr"
+    partial = tmp_path / "s.zarr.partial"
+    # The real ingest, with each shard slowed down so the kill lands mid-way.
+    script = (
+        "import sys, time\n"
+        "from distdrgn.store import writer\n"
+        "real = writer._write_shard\n"
+        "writer._write_shard = lambda job, s: (time.sleep(0.3), real(job, s))[1]\n"
+        "from distdrgn.store import ingest\n"
+        f"ingest({str(paths['stack'])!r}, {str(out)!r}, poses={str(paths['poses'])!r}, ctf={str(paths['ctf'])!r},"
+        f" workers=1, progress=False, layout_overrides={SMALL_LAYOUT!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((partial / L.PROGRESS_DIR).glob("shard_*.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((partial / L.PROGRESS_DIR).glob("shard_*.json")))
+    assert 3 <= done_before < 13 and not out.exists()
+
+    _ingest(paths, out, workers=1)  # the same command again
+    s = ParticleStore.open(out)
+    assert s.n == 400 and np.array_equal(s.images(np.arange(400)), data["images"])
+    assert not partial.exists()

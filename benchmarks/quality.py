@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import pickle
 import platform
 import shlex
 import subprocess

@@ -4,12 +4,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from distdrgn.cli import main
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"format fixtures not found at {FIXTURES}")
+from fixture_files import FIXTURES, needs_fixtures
 REPO = Path(__file__).resolve().parents[1]
 
 

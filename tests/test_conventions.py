@@ -11,7 +11,6 @@ right reading of ``rots`` (slice = ``[x, y, 0] @ R``) and ``trans`` (moving the 
 """
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ import torch
 from distdrgn.formats.mrc import open_mrc, read_volume
 from distdrgn.projection import backproject, project_volume
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
+from fixture_files import FIXTURES
 pytestmark = pytest.mark.skipif(
     not (FIXTURES / "hand.mrcs").is_file(), reason=f"format fixtures not found at {FIXTURES}"
 )

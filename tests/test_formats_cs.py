@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,8 +5,7 @@ import pytest
 from distdrgn.errors import FormatError
 from distdrgn.formats.cs import read_cs, write_cs
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"format fixtures not found at {FIXTURES}")
+from fixture_files import FIXTURES, needs_fixtures
 
 
 @needs_fixtures

@@ -1,5 +1,3 @@
-import warnings
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -9,15 +7,7 @@ from distdrgn.errors import FormatError
 from distdrgn.formats import mrc as mrc_module
 from distdrgn.formats.mrc import MrcStackWriter, open_mrc, read_volume, write_mrc
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"format fixtures not found at {FIXTURES}")
-
-
-def _full_data(path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # some fixtures lack the MAP id
-        with mrcfile.open(path, permissive=True) as m:
-            return np.array(m.data, dtype=np.float32)
+from fixture_files import FIXTURES, needs_fixtures, read_mrc_data
 
 
 @needs_fixtures
@@ -35,7 +25,7 @@ def test_open_fixture_stacks(name, n, D, apix):
     stack = open_mrc(FIXTURES / name)
     assert (stack.n, stack.D, len(stack), stack.apix) == (n, D, n, apix)
     assert stack.dtype == np.float32
-    full = _full_data(FIXTURES / name)
+    full = read_mrc_data(FIXTURES / name)
     order = [n - 1, 0, n // 2, 0, 1]
     np.testing.assert_array_equal(stack.read(order), full[order])
     np.testing.assert_array_equal(stack.read(slice(1, 4)), full[1:4])
@@ -109,7 +99,7 @@ def test_write_mrc_stack_and_volume_round_trip(tmp_path):
 def test_read_volume_fixture():
     vol, apix = read_volume(FIXTURES / "hand-vol.mrc")
     assert vol.shape == (64, 64, 64) and vol.dtype == np.float32 and apix == 1.0
-    np.testing.assert_array_equal(vol, _full_data(FIXTURES / "hand-vol.mrc"))
+    np.testing.assert_array_equal(vol, read_mrc_data(FIXTURES / "hand-vol.mrc"))
 
 
 def test_read_volume_rejects_non_cubic(tmp_path):

@@ -1,6 +1,4 @@
 import shutil
-import warnings
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -15,15 +13,7 @@ from distdrgn.formats.particles import resolve_particles
 from distdrgn.formats.poses import parse_poses
 from distdrgn.formats.star import write_star
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"format fixtures not found at {FIXTURES}")
-
-
-def _full_data(path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # some fixtures lack the MAP id
-        with mrcfile.open(path, permissive=True) as m:
-            return np.array(m.data, dtype=np.float32)
+from fixture_files import FIXTURES, needs_fixtures, read_mrc_data
 
 
 def _stack(path, n, D=8, offset=0.0):
@@ -46,7 +36,7 @@ def test_relion31_star():
     np.testing.assert_array_equal(src.poses[0], rots)
     np.testing.assert_array_equal(src.poses[1], trans)
     np.testing.assert_array_equal(src.ctf, parse_ctf(FIXTURES / "relion31.star"))
-    full = _full_data(FIXTURES / "relion31.mrcs")
+    full = read_mrc_data(FIXTURES / "relion31.mrcs")
     np.testing.assert_array_equal(src.read([4, 0, 2]), full[[4, 0, 2]])
 
 
@@ -62,7 +52,7 @@ def test_empiar_star_and_cs_describe_the_same_particles():
     np.testing.assert_array_equal(from_star.index_in_stack, from_cs.index_in_stack)
     np.testing.assert_allclose(from_star.ctf, from_cs.ctf, rtol=1e-6)
     np.testing.assert_array_equal(from_star.read([6, 1]), from_cs.read([6, 1]))
-    np.testing.assert_array_equal(from_star.read([6, 1]), _full_data(FIXTURES / "empiar_10076_7.mrc")[[6, 1]])
+    np.testing.assert_array_equal(from_star.read([6, 1]), read_mrc_data(FIXTURES / "empiar_10076_7.mrc")[[6, 1]])
 
 
 @needs_fixtures
@@ -76,7 +66,7 @@ def test_toy_projections_star():
     assert (src.n, src.D, src.apix) == (1000, 30, 2.0)
     assert src.poses is None
     np.testing.assert_allclose(src.ctf[0], [30, 2.0, 0, 0, 0, 300, 0.001, 0.1, 90], rtol=1e-6)
-    full = _full_data(FIXTURES / "toy_projections.mrcs")
+    full = read_mrc_data(FIXTURES / "toy_projections.mrcs")
     order = [999, 3, 4, 5, 0, 3]
     np.testing.assert_array_equal(src.read(order), full[order])
     np.testing.assert_array_equal(src.read(slice(10, 13)), full[10:13])

@@ -1,5 +1,4 @@
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,8 +18,7 @@ from distdrgn.formats.poses import (
 )
 from distdrgn.formats.star import read_star, write_star
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"format fixtures not found at {FIXTURES}")
+from fixture_files import FIXTURES, needs_fixtures
 PFCRT = FIXTURES / "FinalRefinement-OriginalParticles-PfCRT.star"
 P12 = FIXTURES / "cryosparc_P12_J24_001_particles.cs"
 

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -7,8 +6,7 @@ import pytest
 from distdrgn.errors import FormatError
 from distdrgn.formats.star import StarData, particles_with_optics, read_star, write_star
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"format fixtures not found at {FIXTURES}")
+from fixture_files import FIXTURES, needs_fixtures
 
 
 @needs_fixtures

@@ -244,8 +244,9 @@ def test_ingest_relion30_star_needs_and_accepts_pixel_size(tmp_path):
     """toy_projections.star (RELION 3.0) has no pixel size: ingest says so, and takes --apix."""
     from distdrgn.cli import main
 
-    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
-    star = fixtures / "toy_projections.star"
+    from fixture_files import FIXTURES
+
+    star = FIXTURES / "toy_projections.star"
     if not star.exists():
         pytest.skip("shared fixtures not present")
     out = tmp_path / "toy.zarr"

@@ -18,6 +18,7 @@ import torch
 from distdrgn.checkpoint import load_weights, weights_path
 from distdrgn.errors import DistdrgnError
 from distdrgn.fft import iht3_center
+from distdrgn.formats.mrc import write_mrc
 from distdrgn.model import CryoDRGN, ModelInfo
 from distdrgn.objective import Preprocess
 
@@ -104,15 +105,6 @@ def eval_volume(trained: TrainedModel, z=None, D: int | None = None, device=None
     return iht3_center(vol.double()).float().cpu().numpy()
 
 
-def write_mrc(path: str | Path, volume: np.ndarray, apix: float | None) -> None:
-    """Write a float32 volume (axes z, y, x) with the voxel size set (1.0 if unknown)."""
-    import mrcfile
-
-    with mrcfile.new(str(path), overwrite=True) as mrc:
-        mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
-        mrc.voxel_size = float(apix) if apix else 1.0
-
-
 def eval_volumes(
     trained: TrainedModel,
     zs: np.ndarray | None,
@@ -142,7 +134,7 @@ def eval_volumes(
         if flip:
             vol = vol[::-1]
         path = out_dir / f"{prefix}{i:03d}.mrc"
-        write_mrc(path, vol, apix)
+        write_mrc(path, vol, apix or 1.0, is_volume=True)
         paths.append(path)
         if progress is not None:
             progress.update(1)

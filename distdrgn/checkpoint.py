@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distdrgn.errors import DistdrgnError
+from distdrgn.errors import DistdrgnError, FormatError
 
 FORMAT = "distdrgn-weights"
 VERSION = 1
@@ -100,17 +100,17 @@ def save_z(path: Path, z_mu: np.ndarray, z_logvar: np.ndarray) -> None:
 def load_z(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(z_mu, z_logvar) from a z.pkl (z_logvar None if the file holds only one array)."""
     path = Path(path)
-    if not path.is_file():
-        raise DistdrgnError(f"{path}: no such latent file")
-    with open(path, "rb") as fh:
-        try:
+    try:
+        with open(path, "rb") as fh:
             z_mu = pickle.load(fh)
-        except Exception as exc:
-            raise DistdrgnError(f"{path}: cannot read latents ({type(exc).__name__})") from None
-        try:
-            z_logvar = pickle.load(fh)
-        except EOFError:
-            z_logvar = None
+            try:
+                z_logvar = pickle.load(fh)
+            except EOFError:
+                z_logvar = None
+    except FileNotFoundError:
+        raise FormatError(f"{path}: latent file not found") from None
+    except Exception as exc:  # unpickling garbage raises many different types
+        raise FormatError(f"{path}: not a pickled latent array ({type(exc).__name__}: {exc})") from None
     return np.asarray(z_mu, dtype=np.float32), None if z_logvar is None else np.asarray(z_logvar, np.float32)
 
 

@@ -15,12 +15,12 @@ chunks, so a 1M+ particle run analyses in seconds to minutes:
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from distdrgn import checkpoint
 from distdrgn.errors import DistdrgnError, FormatError
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,7 @@ def load_z(path: str | Path) -> np.ndarray:
     The file holds two consecutive pickles, ``z_mu`` then ``z_logvar`` (N x zdim each);
     only the first is read. Returns z_mu as float32 (N, zdim).
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            z = pickle.load(f)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: latent file not found") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
-        raise FormatError(f"{path}: not a pickled latent array ({exc})") from None
-    z = np.asarray(z, dtype=np.float32)
+    z = checkpoint.load_z(path)[0]
     if z.ndim == 1:
         z = z[:, None]
     if z.ndim != 2 or z.shape[0] == 0:

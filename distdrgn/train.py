@@ -344,29 +344,12 @@ def truncate_loss_rows(out_dir: Path, last_epoch: int) -> None:
 
 
 def plot_loss(out_dir: Path) -> None:
-    import matplotlib
+    """loss.png from loss.csv (the analysis module's plot), written atomically."""
+    from distdrgn.analysis.plots import plot_loss as draw_loss_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(out_dir / "loss.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return
-    epochs = [int(r["epoch"]) for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot(epochs, [float(r["loss"]) for r in rows], "o-", label="loss")
-    ax[0].plot(epochs, [float(r["mse"]) for r in rows], "s--", label="MSE")
-    ax[0].set_xlabel("epoch")
-    ax[0].legend()
-    ax[1].plot(epochs, [float(r["kl"]) for r in rows], "o-", color="C2")
-    ax[1].set_xlabel("epoch")
-    ax[1].set_ylabel("KL per image")
-    fig.tight_layout()
     tmp = out_dir / ".loss.png.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_dir / "loss.png")
+    if draw_loss_curves(out_dir / "loss.csv", tmp) is not None:
+        os.replace(tmp, out_dir / "loss.png")
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

@@ -57,6 +57,7 @@ class ModelConfig:
     pe_dim: int | None = None  # None = D/2
     feat_sigma: float = 0.5  # std of the gaussian frequencies, in units of D/2
     domain: str = "fourier"  # fourier (real, imag outputs; Hermitian) | hartley (one output)
+    kernels: str = "auto"  # auto (fused on CUDA with Triton) | fused (Triton kernels) | torch (the reference)
 
 
 @dataclass
@@ -155,6 +156,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
     checks = [
         (cfg.model.pe_type in PE_TYPES, f"model.pe_type must be one of {', '.join(PE_TYPES)}"),
         (cfg.model.domain in DOMAINS, f"model.domain must be one of {', '.join(DOMAINS)}"),
+        (cfg.model.kernels in ("auto", "fused", "torch"), "model.kernels must be one of auto, fused, torch"),
         (cfg.model.encoder in ENCODERS, f"model.encoder must be one of {', '.join(ENCODERS)}"),
         (cfg.train.engine in ENGINES, f"train.engine must be one of {', '.join(ENGINES)}"),
         (cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),

@@ -18,6 +18,7 @@ from torch import nn
 
 from distdrgn.config import ModelConfig
 from distdrgn.lattice import Lattice
+from distdrgn.objective import slice_mse
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,19 @@ class PositionalEncoding(nn.Module):
         else:
             self.register_buffer("freqs", geometric_frequencies(pe_type, pe_dim, D))
             self.out_dim = 6 * pe_dim
+
+    def frequency_matrix(self) -> torch.Tensor:
+        """(3 pe_dim, 3) float32 F with phases ``k @ F^T`` in :meth:`forward`'s feature order.
+
+        Gaussian: the drawn frequencies. Geometric: row ``c n + i`` is omega_i times the unit
+        vector of coordinate c (one non-zero per row, so the phases are bit-identical).
+        """
+        if self.pe_type == "none":
+            raise ValueError("the 'none' positional encoding has no frequencies")
+        if self.pe_type == "gaussian":
+            return self.freqs
+        eye = torch.eye(3, dtype=self.freqs.dtype, device=self.freqs.device)
+        return (eye[:, None, :] * self.freqs[None, :, None]).reshape(3 * self.pe_dim, 3)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         if self.pe_type == "none":
@@ -208,6 +222,36 @@ class Decoder(nn.Module):
             return torch.cat([h_pos, h_neg], -1)
         return self.hartley(coords @ rots, z)
 
+    def fused_slice_mse(
+        self, half_coords: torch.Tensor, rots: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor,
+        ctf: torch.Tensor | None, act_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """:func:`~distdrgn.objective.slice_mse` of :meth:`slices` through the fused kernels.
+
+        half_coords (n_half, 3), rots (B, 3, 3), z (B, zdim) or None, y and ctf (B, n_masked)
+        -> (B,) float32. Same parameters and the same function as the reference path, with
+        the hidden activations in ``act_dtype`` (bf16 under autocast).
+        """
+        from distdrgn.kernels.backend import backend_sse
+        from distdrgn.kernels.frontend import frontend
+        from distdrgn.kernels.residual import residual_layer
+
+        B, P = rots.shape[0], half_coords.shape[0]
+        freqs = self.pe.frequency_matrix()
+        n_pe = 2 * freqs.shape[0]
+        weight, bias = self.mlp.inp.weight, self.mlp.inp.bias
+        with torch.autocast(rots.device.type, enabled=False):
+            if self.zdim:
+                zb = torch.nn.functional.linear(z.float(), weight[:, n_pe:].float(), bias.float())  # (B, H)
+            else:
+                zb = bias.float().expand(B, -1)
+            h = frontend(half_coords, rots, freqs, weight[:, :n_pe], zb, act_dtype)  # (B, P, H)
+            h = h.view(B * P, -1)
+            for layer in self.mlp.hidden:
+                h = residual_layer(h, layer.weight, layer.bias)
+            sse = backend_sse(h.view(B, P, -1), self.mlp.out.weight, self.mlp.out.bias, half_coords, rots, y, ctf)
+        return sse / (2 * P)
+
 
 # ---------------------------------------------------------------------------------------
 # The VAE
@@ -269,6 +313,7 @@ class CryoDRGN(nn.Module):
             self.decoder = Decoder(pe, info.zdim, info.dec_dim, info.dec_layers, info.domain)
         # moves with the model, so a training step does not copy it to the device
         self.register_buffer("slice_coords", self.lattice.coords[self.lattice.mask_indices], persistent=False)
+        self.kernels = "torch"  # "fused" routes forward(..., y=...) through distdrgn.kernels
 
     @property
     def zdim(self) -> int:
@@ -280,17 +325,30 @@ class CryoDRGN(nn.Module):
         return _full_precision(mu), _full_precision(logvar)
 
     def forward(
-        self, rots: torch.Tensor, y_enc: torch.Tensor | None = None, sample: bool = True
+        self, rots: torch.Tensor, y_enc: torch.Tensor | None = None, sample: bool = True,
+        y: torch.Tensor | None = None, ctf: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Predicted slices (B, n_masked), z_mu and z_logvar ((B, zdim) or None when zdim = 0).
+        """(out, z_mu, z_logvar); z_mu and z_logvar are (B, zdim), or None when zdim = 0.
 
-        ``sample`` draws z = mu + exp(logvar / 2) * eps (training); otherwise z = mu.
+        Without ``y``, ``out`` is the predicted slices (B, n_masked). With the observed
+        values ``y`` (and the CTF, both (B, n_masked)), ``out`` is the per-image masked MSE
+        (B,) (:func:`~distdrgn.objective.slice_mse`), through the fused kernels when
+        ``self.kernels == "fused"``. ``sample`` draws z = mu + exp(logvar / 2) * eps
+        (training); otherwise z = mu.
         """
         mu = logvar = z = None
         if self.zdim:
             mu, logvar = self.encode(y_enc)
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
-        return self.decoder.slices(self.lattice, rots, z, self.slice_coords), mu, logvar
+        if y is not None and self.kernels == "fused":
+            act_dtype = torch.get_autocast_dtype(rots.device.type) if torch.is_autocast_enabled(rots.device.type) \
+                else torch.float32
+            half = self.slice_coords[: self.lattice.n_half]
+            return self.decoder.fused_slice_mse(half, rots, z, y, ctf, act_dtype), mu, logvar
+        pred = self.decoder.slices(self.lattice, rots, z, self.slice_coords)
+        if y is None:
+            return pred, mu, logvar
+        return slice_mse(pred, y, ctf), mu, logvar
 
 
 def build_model(cfg: ModelConfig, D: int, seed: int) -> CryoDRGN:

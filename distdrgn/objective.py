@@ -127,6 +127,42 @@ class LossTerms:
     kl: torch.Tensor  # scalar: mean over this rank's images of the KL (0 when zdim = 0)
 
 
+def slice_mse(pred: torch.Tensor, y: torch.Tensor, ctf: torch.Tensor | None) -> torch.Tensor:
+    """Per-image masked MSE ``mean_k (ctf * pred - y)^2``: (B, n_masked) each -> (B,).
+
+    Computed in float32 (float64 if ``pred`` is) whatever the dtype of ``pred``.
+    """
+    recon = pred * ctf if ctf is not None else pred
+    full = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    return torch.mean((recon.to(full) - y.to(full)) ** 2, dim=-1)
+
+
+def loss_terms(
+    mse: torch.Tensor,
+    mu: torch.Tensor | None,
+    logvar: torch.Tensor | None,
+    beta: float,
+    n_masked: int,
+    weight: float = 1.0,
+) -> LossTerms:
+    """Per-image MSE (B,) + beta * KL / n_masked, summed over images and multiplied by ``weight``.
+
+    With ``weight = W / B_global`` (W processes whose batches add to B_global images) DDP's
+    gradient average equals the gradient of the mean over the global batch, even when batch
+    sizes differ by rank.
+    """
+    per_image = mse
+    if mu is not None:
+        kl = kl_divergence(mu.to(mse.dtype), logvar.to(mse.dtype))
+        per_image = per_image + beta * kl / n_masked
+    else:
+        kl = torch.zeros_like(per_image)
+    n = max(per_image.shape[0], 1)
+    return LossTerms(
+        loss=per_image.sum() * weight, mse=mse.sum().detach() / n, kl=kl.sum().detach() / n
+    )
+
+
 def vae_loss(
     pred: torch.Tensor,
     targets: Targets,
@@ -135,27 +171,8 @@ def vae_loss(
     beta: float,
     weight: float = 1.0,
 ) -> LossTerms:
-    """Masked MSE + beta * KL / n_masked.
-
-    pred (B, n_masked) Hartley slices (before the CTF). Per image the loss is
-    ``mean_k (ctf * pred - y)^2 + beta * KL / n_masked``; the returned ``loss`` is the
-    per-image losses summed and multiplied by ``weight``. With ``weight = W / B_global``
-    (W processes whose batches add to B_global images) DDP's gradient average equals the
-    gradient of the mean over the global batch, even when batch sizes differ by rank.
-    """
-    recon = pred * targets.ctf if targets.ctf is not None else pred
-    full = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    per_image = torch.mean((recon.to(full) - targets.y.to(full)) ** 2, dim=-1)  # (B,)
-    mse = per_image
-    if mu is not None:
-        kl = kl_divergence(mu.to(full), logvar.to(full))
-        per_image = per_image + beta * kl / pred.shape[-1]
-    else:
-        kl = torch.zeros_like(per_image)
-    n = max(per_image.shape[0], 1)
-    return LossTerms(
-        loss=per_image.sum() * weight, mse=mse.sum().detach() / n, kl=kl.sum().detach() / n
-    )
+    """Masked MSE + beta * KL / n_masked of predicted slices pred (B, n_masked) (before the CTF)."""
+    return loss_terms(slice_mse(pred, targets.y, targets.ctf), mu, logvar, beta, pred.shape[-1], weight)
 
 
 def parse_beta(spec: float | str | None, zdim: int, source: str = "train.beta"):

@@ -55,15 +55,16 @@ from distdrgn.loader import (
     StepSchedule,
     stream_batches,
 )
+from distdrgn.kernels import resolve_kernels
 from distdrgn.metrics import TrainingMetrics
 from distdrgn.model import CryoDRGN, ModelInfo
 from distdrgn.objective import (
     Batch,
     Preprocess,
     hartley_std,
+    loss_terms,
     parse_beta,
     prepare_targets,
-    vae_loss,
 )
 
 log = logging.getLogger("distdrgn.train")
@@ -240,8 +241,8 @@ def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: fl
     """
     targets = prepare_targets(batch, prep, lattice)
     with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
-        pred, mu, logvar = engine(batch.rots, targets.y_enc, sample=True)
-    terms = vae_loss(pred, targets, mu, logvar, beta, weight)
+        mse, mu, logvar = engine(batch.rots, targets.y_enc, sample=True, y=targets.y, ctf=targets.ctf)
+    terms = loss_terms(mse, mu, logvar, beta, lattice.n_masked, weight)
     engine.zero_grad()
     engine.backward(terms.loss)
     finite = finite_on_all_ranks(terms.loss, engine.module, rt)
@@ -513,6 +514,11 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     )
 
     model = CryoDRGN(info).to(rt.device)
+    try:
+        model.kernels, why = resolve_kernels(cfg.model.kernels, rt.device, info.pe_type, info.domain)
+    except ValueError as exc:
+        raise DistdrgnError(str(exc)) from None
+    log.info("decoder kernels: %s (%s)", model.kernels, why)
     engine = build_engine(model, cfg, rt)
     if ckpt:
         engine.load_state_dict(ckpt)

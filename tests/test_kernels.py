@@ -1,0 +1,175 @@
+"""Fused decoder kernels against the PyTorch reference path (forward and every gradient).
+
+Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports them); with one they run compiled on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distdrgn.config import ModelConfig
+from distdrgn.kernels import interpreting, resolve_kernels
+from distdrgn.model import PositionalEncoding, build_model
+from distdrgn.simulate import random_rotations
+
+pytest.importorskip("triton", reason="the fused kernels need triton (pip install -e .[test] installs it)")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not interpreting():
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+
+def make_case(D=16, zdim=4, pe_type="gaussian", dec_dim=64, dec_layers=3, B=3, seed=0, ctf=True, pe_dim=None):
+    cfg = ModelConfig(zdim=zdim, enc_dim=32, enc_layers=2, dec_dim=dec_dim, dec_layers=dec_layers, pe_type=pe_type,
+                      pe_dim=pe_dim)
+    model = build_model(cfg, D, seed).to(DEVICE)
+    gen = torch.Generator().manual_seed(seed + 1)
+    n = model.lattice.n_masked
+    rots = random_rotations(B, gen).float()
+    data = [torch.randn(B, n, generator=gen) for _ in range(3)]
+    inputs = {"rots": rots, "y_enc": data[0] if zdim else None, "y": data[1], "ctf": data[2] if ctf else None}
+    return model, {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
+
+
+def mse_and_grads(model, inputs, kernels, amp=False):
+    """Per-image MSE and the gradients of a weighted sum of it (distinct weights per image)."""
+    model.kernels = kernels
+    model.zero_grad()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
+        mse, _, _ = model(inputs["rots"], inputs["y_enc"], sample=False, y=inputs["y"], ctf=inputs["ctf"])
+    (mse * torch.arange(1.0, len(mse) + 1, device=DEVICE)).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return mse.detach(), grads
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},
+        {"pe_type": "geom_ft"},
+        {"zdim": 0},
+        {"ctf": False},
+        # sizes that are not multiples of the tiles: H % BLOCK_N, G % BLOCK_G, P % BLOCK_M
+        {"D": 20, "dec_dim": 80, "pe_dim": 5, "pe_type": "geom_lowf", "dec_layers": 2},
+        {"dec_layers": 1, "B": 1},
+    ],
+    ids=["gaussian", "geom_ft", "zdim0", "no_ctf", "ragged", "one_layer"],
+)
+def test_fused_matches_reference_fp32(case):
+    model, inputs = make_case(**case)
+    ref_mse, ref_grads = mse_and_grads(model, inputs, "torch")
+    mse, grads = mse_and_grads(model, inputs, "fused")
+    torch.testing.assert_close(mse, ref_mse, rtol=1e-5, atol=1e-7)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert rel(grads[name], ref_grads[name]) < 2e-5, name
+
+
+def test_fused_bf16_error_no_larger_than_reference_bf16():
+    """With bf16 activations both paths round; the fused one must be as close to fp32 as the reference."""
+    model, inputs = make_case(D=24, pe_type="geom_ft", zdim=8, dec_dim=160)
+    exact_mse, exact = mse_and_grads(model, inputs, "torch")
+    ref_mse, ref = mse_and_grads(model, inputs, "torch", amp=True)
+    mse, fused = mse_and_grads(model, inputs, "fused", amp=True)
+    assert rel(mse, exact_mse) < max(2 * rel(ref_mse, exact_mse), 1e-2)
+    for name in exact:
+        assert rel(fused[name], exact[name]) < max(2 * rel(ref[name], exact[name]), 0.03), name
+
+
+def test_fused_backend_sse_is_the_loss_of_the_predicted_slices():
+    """The back end's per-image error equals slice_mse of decoder.slices (Hermitian fill, CTF)."""
+    from distdrgn.objective import slice_mse
+
+    model, inputs = make_case(D=18, zdim=2)
+    model.kernels = "fused"
+    with torch.no_grad():
+        mu, _ = model.encode(inputs["y_enc"])
+        pred = model.decoder.slices(model.lattice, inputs["rots"], mu, model.slice_coords)
+        fused, _, _ = model(inputs["rots"], inputs["y_enc"], sample=False, y=inputs["y"], ctf=inputs["ctf"])
+    torch.testing.assert_close(fused, slice_mse(pred, inputs["y"], inputs["ctf"]), rtol=1e-5, atol=1e-7)
+
+
+def test_residual_layer_matches_reference():
+    from distdrgn.kernels.residual import residual_layer
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.relu(torch.randn(70, 48, generator=gen)).to(DEVICE).requires_grad_()
+    w = (torch.randn(48, 48, generator=gen) / 7).to(DEVICE).requires_grad_()
+    b = torch.randn(48, generator=gen).to(DEVICE).requires_grad_()
+    up = torch.randn(70, 48, generator=gen).to(DEVICE)
+    ref = torch.relu(h + torch.nn.functional.linear(h, w, b))
+    ref_grads = torch.autograd.grad((ref * up).sum(), (h, w, b))
+    out = residual_layer(h, w, b)
+    grads = torch.autograd.grad((out * up).sum(), (h, w, b))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_frequency_matrix_reproduces_the_encoding():
+    coords = torch.rand(2, 9, 3) - 0.5
+    for pe_type in ("gaussian", "geom_ft", "linear_lowf"):
+        pe = PositionalEncoding(pe_type, pe_dim=6, D=16, seed=2)
+        phase = coords @ pe.frequency_matrix().T
+        torch.testing.assert_close(pe(coords), torch.cat([phase.sin(), phase.cos()], -1), rtol=0, atol=1e-6)
+
+
+def test_resolve_kernels(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kernels("torch", cuda, "gaussian", "fourier")[0] == "torch"
+    assert resolve_kernels("auto", cuda, "gaussian", "fourier")[0] == "fused"
+    assert resolve_kernels("auto", cuda, "gaussian", "hartley") == ("torch", "auto: the fused decoder implements "
+                                                                    "model.domain=fourier, not hartley")
+    assert resolve_kernels("auto", cpu, "gaussian", "fourier")[0] == "torch"
+    with pytest.raises(ValueError, match="sinusoidal"):
+        resolve_kernels("fused", cuda, "none", "fourier")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        resolve_kernels("fused", cpu, "gaussian", "fourier")
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_kernels("fast", cpu, "gaussian", "fourier")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU interpreter's own limitation")
+def test_interpreter_bf16_dot_workaround_is_needed():
+    """dot_dtype maps bf16 to fp32 under the interpreter because its bf16 tl.dot is wrong
+    (triton #11584); if a Triton release fixes that, this fails and the workaround can go."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot16(a_ptr, b_ptr, c_ptr):
+        r = tl.arange(0, 16)
+        a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+        b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+        tl.store(c_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, b))
+
+    a = torch.randint(-2, 3, (16, 16)).bfloat16()
+    c = torch.zeros(16, 16)
+    dot16[(1,)](a, a, c)
+    assert not torch.equal(c, a.float() @ a.float())
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU interpreter run; on a GPU the benchmarks train fused")
+def test_training_with_fused_kernels_matches_the_reference(small_dataset, tiny_overrides, tmp_path):
+    """One epoch of `distdrgn train` with model.kernels=fused (interpreted) follows the reference run."""
+    import csv
+
+    from distdrgn.config import load_config
+    from distdrgn.train import train
+
+    losses = {}
+    for kernels in ("torch", "fused"):
+        out = tmp_path / kernels
+        train(load_config(None, tiny_overrides(small_dataset["store"], out, **{"train.epochs": 1,
+                                                                              "model.kernels": kernels})))
+        assert f"decoder kernels: {kernels}" in (out / "run.log").read_text()
+        with open(out / "loss.csv", newline="") as fh:
+            losses[kernels] = float(next(csv.DictReader(fh))["loss"])
+    assert losses["fused"] == pytest.approx(losses["torch"], rel=1e-4)

@@ -206,6 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the parameter counts of both logs are recorded and must agree)")
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--kernels", default="auto", choices=["auto", "fused", "torch"],
+                   help="distdrgn's decoder path (model.kernels): compare fused vs torch quality on a GPU")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--n-fsc", type=int, default=200, help="images (stratified over c) for the per-image FSC")
     p.add_argument("--seed", type=int, default=0, help="simulation seed")
@@ -252,7 +254,8 @@ def main(argv=None) -> int:
         wall = run([py, "-m", "distdrgn.train", "configs/default.yaml", f"data.store={store}", f"output.dir={run_dir}",
                     f"model.zdim={args.zdim}", f"model.enc_dim={args.dim}", f"model.enc_layers={args.layers + 1}",
                     f"model.dec_dim={args.dim}", f"model.dec_layers={args.layers + 1}", f"train.epochs={args.epochs}",
-                    f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.checkpoint_every=1000"],
+                    f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.checkpoint_every=1000",
+                    f"model.kernels={args.kernels}"],
                    logs / "distdrgn_train.log", commands)  # fmt: skip
         timings["distdrgn_train_s"] = wall
     else:

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "filter": ("filter", "interactive lasso selection of particles in a latent-space plot"),
     "backproject": ("backproject", "voxel back-projection of a store (with half-maps)"),
     "fsc": ("fsc", "Fourier shell correlation between two volumes"),
+    "bench": ("bench", "run a throughput benchmark (train, loader, knn) from benchmarks/"),
 }
 
 

@@ -114,6 +114,14 @@ class Engine:
     def step(self) -> None:
         raise NotImplementedError
 
+    def step_unless(self, nonfinite: torch.Tensor) -> None:
+        """The optimizer step, unless ``nonfinite`` (a 0-d float tensor, 1.0 = skip) is set.
+
+        This default reads the flag on the host, which waits for the step's kernels.
+        """
+        if not bool(nonfinite):
+            self.step()
+
     def zero_grad(self) -> None:
         raise NotImplementedError
 
@@ -125,8 +133,11 @@ class Engine:
         raise NotImplementedError
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Adam:
-    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+def build_optimizer(model: nn.Module, cfg, fused: bool = False) -> torch.optim.Adam:
+    """Adam; ``fused`` takes torch's single-kernel implementation, which can also skip a step
+    on a device-side flag (``found_inf``) without a host synchronisation."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            fused=True if fused else None)
 
 
 def bf16_allreduce_hook(process_group, bucket):
@@ -154,7 +165,7 @@ class DDPEngine(Engine):
 
     def __init__(self, model: nn.Module, cfg, runtime):
         self.module = model
-        self.optimizer = build_optimizer(model, cfg)
+        self.optimizer = build_optimizer(model, cfg, fused=True)
         if runtime.world_size > 1:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(model, device_ids=device_ids,
@@ -172,6 +183,14 @@ class DDPEngine(Engine):
 
     def step(self) -> None:
         self.optimizer.step()
+
+    def step_unless(self, nonfinite: torch.Tensor) -> None:
+        # fused Adam skips every update (and the step count) where found_inf is 1, on the device
+        self.optimizer.found_inf = nonfinite
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,7 +287,10 @@ class DeepSpeedEngine(Engine):
             model_sd = self.module.state_dict()
             opt_sd = self.optimizer.state_dict()
         else:
-            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+            from deepspeed.utils import (
+                safe_get_full_fp32_param,
+                safe_get_full_optimizer_state,
+            )
 
             model_sd = {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
             step = self._adam_step()
@@ -290,7 +312,10 @@ class DeepSpeedEngine(Engine):
             self.module.load_state_dict(model_sd)
             self.optimizer.load_state_dict(opt_sd)
             return
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
 
         if self.zero_stage == 3:
             raise DistdrgnError("train.engine=deepspeed with train.zero_stage=3 cannot resume from weights.N.pkl; "

@@ -48,6 +48,7 @@ from distdrgn.engine import (
     init_process_group,
 )
 from distdrgn.errors import DistdrgnError, StoreError
+from distdrgn.kernels import resolve_kernels
 from distdrgn.loader import (
     DevicePrefetcher,
     GlobalOrder,
@@ -55,7 +56,6 @@ from distdrgn.loader import (
     StepSchedule,
     stream_batches,
 )
-from distdrgn.kernels import resolve_kernels
 from distdrgn.metrics import TrainingMetrics
 from distdrgn.model import CryoDRGN, ModelInfo
 from distdrgn.objective import (
@@ -237,7 +237,9 @@ class TestHooks:
 def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: float, weight: float, rt: Runtime):
     """Forward, backward and (unless a loss or gradient is non-finite on any rank) the optimizer step.
 
-    Returns (loss terms, whether the step was taken). Every rank takes the same decision.
+    Returns (loss terms, nonfinite): a 0-d float32 tensor on the device, 1.0 when the step
+    was skipped; every rank takes the same decision. Nothing here waits for the device
+    (with the DDP engine), so the caller reads the flag a step later.
     """
     targets = prepare_targets(batch, prep, lattice)
     with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
@@ -245,14 +247,13 @@ def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: fl
     terms = loss_terms(mse, mu, logvar, beta, lattice.n_masked, weight)
     engine.zero_grad()
     engine.backward(terms.loss)
-    finite = finite_on_all_ranks(terms.loss, engine.module, rt)
-    if finite:
-        engine.step()
-    return terms, finite
+    nonfinite = nonfinite_on_any_rank(terms.loss, engine.module, rt)
+    engine.step_unless(nonfinite)
+    return terms, nonfinite
 
 
-def finite_on_all_ranks(loss: torch.Tensor, model: torch.nn.Module, rt: Runtime) -> bool:
-    """Whether the loss and every gradient are finite on every rank (one scalar all-reduce).
+def nonfinite_on_any_rank(loss: torch.Tensor, model: torch.nn.Module, rt: Runtime) -> torch.Tensor:
+    """1.0 if the loss or any gradient is non-finite on any rank, else 0.0 (0-d, on the device).
 
     Under DDP the gradients are already averaged, so one rank's NaN image poisons all ranks'
     gradients; the flag is still reduced so that all ranks skip together whatever the engine.
@@ -262,7 +263,7 @@ def finite_on_all_ranks(loss: torch.Tensor, model: torch.nn.Module, rt: Runtime)
     bad = (~torch.stack(checks).all()).to(torch.float32)
     if rt.distributed:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad)
+    return bad
 
 
 class NonfiniteSteps:
@@ -272,6 +273,13 @@ class NonfiniteSteps:
     def __init__(self, run: Run):
         self.run = run
         self.streak: list[tuple[int, int, list[int], list[int]]] = []  # (epoch, step, positions, non-finite ones)
+
+    def record(self, epoch: int, step: int, batch: Batch, nonfinite: torch.Tensor) -> None:
+        """Book a step by its flag from :func:`train_step` (reading it waits for that step)."""
+        if bool(nonfinite):
+            self.step_skipped(epoch, step, batch)
+        else:
+            self.step_taken()
 
     def step_taken(self) -> None:
         self.streak.clear()
@@ -578,7 +586,8 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         sums += torch.tensor(carried.sums, dtype=torch.float64, device=rt.device)
     seconds_before = carried.seconds if carried else 0.0
     progress = Progress(run, epoch, schedule)
-    nonfinite = NonfiniteSteps(run)
+    nonfinite_steps = NonfiniteSteps(run)
+    pending = None  # (epoch, step, batch, non-finite flag) of the step before, read after the next is queued
     run.model.train()
     t_epoch = time.perf_counter()
     for step in range(schedule.n_steps):
@@ -588,20 +597,22 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         t_data = time.perf_counter() - t0
         seed_step(cfg.train.seed, epoch, lo, rt.rank)
         beta = run.beta_at(epoch + lo / store.n)
-        terms, taken = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step), rt)
-        if taken:
-            nonfinite.step_taken()
-            b = len(batch.indices)
-            sums += torch.stack([terms.mse.double() * b + beta * terms.kl.double() * b / run.model.lattice.n_masked,
-                                 terms.mse.double() * b, terms.kl.double() * b,
-                                 torch.tensor(float(b), dtype=torch.float64, device=rt.device)])
-        else:  # not in the epoch's totals: loss.csv's "images" counts the images trained on
-            nonfinite.step_skipped(epoch, step, batch)
+        terms, nonfinite = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step),
+                                      rt)
+        # the epoch's totals count the images of the steps taken: masked on the device, no wait
+        per_image = torch.stack([terms.mse + beta * terms.kl / run.model.lattice.n_masked, terms.mse, terms.kl,
+                                 torch.ones_like(terms.mse)]).double()
+        sums += torch.where(nonfinite > 0, 0.0, per_image * len(batch.indices))  # where: NaN * 0 is NaN
+        if pending is not None:  # the previous step's flag: its kernels are done by now
+            nonfinite_steps.record(*pending)
+        pending = (epoch, step, batch, nonfinite)
         run.hooks.after_step(epoch, lo, batch.indices)
         progress.update(step, hi - lo, terms, beta, time.perf_counter() - t0, t_data)
         every = cfg.train.checkpoint_every_steps
         if every and (step + 1) % every == 0 and hi < store.n:
             run.save_step(epoch, hi, sums, seconds_before + time.perf_counter() - t_epoch)
+    if pending is not None:
+        nonfinite_steps.record(*pending)
     progress.close()
     if rt.distributed:
         dist.all_reduce(sums)

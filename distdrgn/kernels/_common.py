@@ -34,6 +34,20 @@ def dot_dtype(act_dtype: torch.dtype):
     return _TL_DTYPES[act_dtype]
 
 
+def full_fp32(act_dtype: torch.dtype) -> bool:
+    """float32 activations get IEEE float32 products (not TF32), like torch's default matmul."""
+    return act_dtype == torch.float32
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b on the tensor cores; IEEE float32 when asked (Triton's default is TF32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 def tiles_per_image(P: int) -> int:
     return triton.cdiv(P, BLOCK_M)
 

@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from distdrgn.kernels._common import BLOCK_M, BLOCK_N, canonical_points, images_per_program, launch_options, tiles_per_image
+from distdrgn.kernels._common import (
+    BLOCK_M,
+    BLOCK_N,
+    canonical_points,
+    images_per_program,
+    launch_options,
+    tiles_per_image,
+)
 
 
 @triton.jit

@@ -21,15 +21,18 @@ from distdrgn.kernels._common import (
     BLOCK_N,
     canonical_points,
     dot_dtype,
+    full_fp32,
     images_per_program,
     launch_options,
+    mma,
     tiles_per_image,
 )
 
 
 @triton.jit
 def _frontend_fwd(lat_ptr, rot_ptr, freq_ptr, w_ptr, zb_ptr, out_ptr, P, H, G, tiles_per_img,
-                  DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                  DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_G: tl.constexpr):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tile // tiles_per_img
@@ -51,8 +54,8 @@ def _frontend_fwd(lat_ptr, rot_ptr, freq_ptr, w_ptr, zb_ptr, out_ptr, P, H, G, t
         # w is (2G, H): rows [0, G) multiply sin, rows [G, 2G) cos; padded rows load 0
         w_sin = tl.load(w_ptr + gs[:, None] * H + cols[None, :], mask=w_mask, other=0.0).to(DOT)
         w_cos = tl.load(w_ptr + (G + gs)[:, None] * H + cols[None, :], mask=w_mask, other=0.0).to(DOT)
-        acc = tl.dot(tl.sin(phase).to(DOT), w_sin, acc)
-        acc = tl.dot(tl.cos(phase).to(DOT), w_cos, acc)
+        acc = mma(tl.sin(phase).to(DOT), w_sin, acc, IEEE)
+        acc = mma(tl.cos(phase).to(DOT), w_cos, acc, IEEE)
 
     zb = tl.load(zb_ptr + b * H + cols, mask=col_ok, other=0.0)
     h = tl.maximum(acc + zb[None, :], 0.0)
@@ -62,8 +65,8 @@ def _frontend_fwd(lat_ptr, rot_ptr, freq_ptr, w_ptr, zb_ptr, out_ptr, P, H, G, t
 
 @triton.jit
 def _frontend_bwd(lat_ptr, rot_ptr, freq_ptr, h_ptr, gh_ptr, dw_ptr, dzb_ptr, B, P, H, G, tiles_per_img,
-                  imgs_per_prog,
-                  DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                  imgs_per_prog, DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     """dW partials (groups, 2G, H) over this program's images; dzb (B, H) from the g-block 0 programs."""
     pid_g = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -93,8 +96,8 @@ def _frontend_bwd(lat_ptr, rot_ptr, freq_ptr, h_ptr, gh_ptr, dw_ptr, dzb_ptr, B,
                 gh = tl.load(gh_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 g = tl.where(h > 0, gh, 0.0)  # through the ReLU; padded rows are 0
                 gd = g.to(DOT)
-                acc_sin = tl.dot(tl.trans(tl.sin(phase).to(DOT)), gd, acc_sin)
-                acc_cos = tl.dot(tl.trans(tl.cos(phase).to(DOT)), gd, acc_cos)
+                acc_sin = mma(tl.trans(tl.sin(phase).to(DOT)), gd, acc_sin, IEEE)
+                acc_cos = mma(tl.trans(tl.cos(phase).to(DOT)), gd, acc_cos, IEEE)
                 zacc += tl.sum(g, axis=0)
             if pid_g == 0:
                 tl.store(dzb_ptr + b * H + cols, zacc, mask=col_ok)
@@ -123,7 +126,7 @@ class FusedFrontEnd(torch.autograd.Function):
         tpi = tiles_per_image(P)
         grid = (B * tpi, triton.cdiv(H, BLOCK_N))
         _frontend_fwd[grid](lattice, rots, freqs, w_t, zb, out, P, H, G, tpi, DOT=dot_dtype(act_dtype),
-                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options())
+                            IEEE=full_fp32(act_dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options())
         ctx.save_for_backward(lattice, rots, freqs, out)
         ctx.w_dtype = w_pe.dtype
         return out
@@ -142,7 +145,7 @@ class FusedFrontEnd(torch.autograd.Function):
         dzb = torch.empty((B, H), device=out.device, dtype=torch.float32)
         _frontend_bwd[(g_blocks, n_blocks, groups)](
             lattice, rots, freqs, out, grad_out, dw, dzb, B, P, H, G, tpi, per_prog, DOT=dot_dtype(out.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options())
+            IEEE=full_fp32(out.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options())
         dw_pe = dw.sum(0).t().to(ctx.w_dtype)  # (H, 2G)
         return None, None, None, dw_pe, dzb, None
 

@@ -35,10 +35,11 @@ sys.path.insert(0, str(REPO))
 
 from distdrgn.config import Config, ModelConfig  # noqa: E402
 from distdrgn.engine import build_engine  # noqa: E402
-from distdrgn.kernels import resolve_kernels  # noqa: E402
+from distdrgn.errors import DistdrgnError  # noqa: E402
 from distdrgn.model import CryoDRGN, ModelInfo  # noqa: E402
 from distdrgn.objective import Batch, Preprocess  # noqa: E402
-from distdrgn.train import Runtime, train_step  # noqa: E402
+from distdrgn.simulate import random_rotations  # noqa: E402
+from distdrgn.train import Runtime, choose_kernels, train_step  # noqa: E402
 
 
 def decoder_flops_per_image(D: int, model: ModelConfig) -> float:
@@ -51,12 +52,7 @@ def decoder_flops_per_image(D: int, model: ModelConfig) -> float:
 
 def random_batch(B: int, D: int, device: torch.device, gen: torch.Generator) -> Batch:
     """Images, poses, shifts and CTF rows (300 kV, 2.7 mm, 1-3 um defocus) on ``device``."""
-    q = torch.randn(B, 4, generator=gen)
-    q = q / q.norm(dim=1, keepdim=True)
-    w, x, y, z = q.unbind(1)
-    rots = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-                        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-                        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], 1).view(B, 3, 3)
+    rots = random_rotations(B, gen).float()
     dfu = 10000 + 20000 * torch.rand(B, generator=gen)
     ctf = torch.stack([torch.full((B,), float(D)), torch.full((B,), 1.0), dfu, dfu - 200,
                        torch.rand(B, generator=gen) * 180, torch.full((B,), 300.0), torch.full((B,), 2.7),
@@ -73,14 +69,13 @@ def measure(D: int, B: int, kernels: str, args, device: torch.device) -> dict:
     info = ModelInfo.from_config(cfg.model, D, seed=0)
     row = {"D": D, "batch": B, "kernels": kernels, "images_per_s": None, "roofline_fraction": None,
            "peak_memory_gib": None, "note": ""}
-    try:
-        chosen, why = resolve_kernels(kernels, device, info.pe_type, info.domain)
-    except ValueError as exc:
-        return {**row, "note": str(exc)}
     amp = torch.bfloat16 if device.type == "cuda" else None
     rt = Runtime(rank=0, world_size=1, device=device, amp_dtype=amp)
     model = CryoDRGN(info).to(device)
-    model.kernels = chosen
+    try:  # what training does: resolve, then the start-up check of the fused kernels
+        model.kernels, why = choose_kernels(model, kernels, rt)
+    except DistdrgnError as exc:
+        return {**row, "note": str(exc)}
     engine = build_engine(model, cfg, rt)
     prep = Preprocess(D)
     gen = torch.Generator().manual_seed(0)

@@ -49,6 +49,7 @@ from distdrgn.engine import (
 )
 from distdrgn.errors import DistdrgnError, StoreError
 from distdrgn.kernels import resolve_kernels
+from distdrgn.kernels.check import check_fused
 from distdrgn.loader import (
     DevicePrefetcher,
     GlobalOrder,
@@ -142,6 +143,25 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
+
+
+def choose_kernels(model: CryoDRGN, choice: str, rt: Runtime) -> tuple[str, str]:
+    """``model.kernels`` -> ("fused" | "torch", why). Fused kernels must first pass their
+    start-up check on this device; ``auto`` falls back to torch when they do not."""
+    try:
+        kernels, why = resolve_kernels(choice, rt.device, model.info.pe_type, model.info.domain)
+    except ValueError as exc:
+        raise DistdrgnError(str(exc)) from None
+    if kernels == "fused":
+        problem = check_fused(model, rt.amp_dtype)
+        if problem and choice == "fused":
+            raise DistdrgnError(f"model.kernels=fused: the fused decoder failed its start-up check on {rt.device}: "
+                                f"{problem} (model.kernels=torch trains with the reference path)")
+        if problem:
+            log.warning("the fused decoder failed its start-up check on %s (%s); training with the PyTorch path",
+                        rt.device, problem)
+            return "torch", f"auto: fused kernels failed their start-up check: {problem}"
+    return kernels, why
 
 
 def open_store(cfg: Config):
@@ -522,10 +542,7 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     )
 
     model = CryoDRGN(info).to(rt.device)
-    try:
-        model.kernels, why = resolve_kernels(cfg.model.kernels, rt.device, info.pe_type, info.domain)
-    except ValueError as exc:
-        raise DistdrgnError(str(exc)) from None
+    model.kernels, why = choose_kernels(model, cfg.model.kernels, rt)
     log.info("decoder kernels: %s (%s)", model.kernels, why)
     engine = build_engine(model, cfg, rt)
     if ckpt:

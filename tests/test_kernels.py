@@ -173,3 +173,41 @@ def test_training_with_fused_kernels_matches_the_reference(small_dataset, tiny_o
         with open(out / "loss.csv", newline="") as fh:
             losses[kernels] = float(next(csv.DictReader(fh))["loss"])
     assert losses["fused"] == pytest.approx(losses["torch"], rel=1e-4)
+
+
+def test_startup_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    from distdrgn.kernels import backend
+    from distdrgn.kernels.check import check_fused
+
+    model, _ = make_case(D=16, zdim=3)
+    assert check_fused(model, None) is None
+    assert check_fused(model, torch.bfloat16) is None
+    assert model.kernels == "torch" and all(p.grad is None for p in model.parameters())
+
+    def off_by_one_percent(*args):
+        return backend.FusedBackEnd.apply(*args) * 1.01
+
+    monkeypatch.setattr(backend, "backend_sse", off_by_one_percent)
+    assert "float32 MSE differs" in check_fused(model, None)
+
+    def broken(*args):
+        raise RuntimeError("PTX compile failed\nmore lines")
+
+    monkeypatch.setattr(backend, "backend_sse", broken)
+    assert check_fused(model, None) == "RuntimeError: PTX compile failed"
+
+
+def test_training_falls_back_from_auto_and_stops_on_fused_when_the_check_fails(monkeypatch):
+    import distdrgn.train as train_module
+    from distdrgn.errors import DistdrgnError
+
+    model, _ = make_case()
+    rt = train_module.Runtime(0, 1, DEVICE, None)
+    monkeypatch.setattr(train_module, "resolve_kernels", lambda choice, *a: ("fused", f"{choice}: as if on a GPU"))
+    monkeypatch.setattr(train_module, "check_fused", lambda model, amp: "RuntimeError: PTX compile failed")
+    assert train_module.choose_kernels(model, "auto", rt) == (
+        "torch", "auto: fused kernels failed their start-up check: RuntimeError: PTX compile failed")
+    with pytest.raises(DistdrgnError, match="failed its start-up check .*PTX compile failed"):
+        train_module.choose_kernels(model, "fused", rt)
+    monkeypatch.setattr(train_module, "check_fused", lambda model, amp: None)
+    assert train_module.choose_kernels(model, "auto", rt) == ("fused", "auto: as if on a GPU")

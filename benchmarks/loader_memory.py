@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import resource
 import shutil
 import subprocess
@@ -32,7 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file from the repo root
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._common import write_random_particles  # noqa: E402
 
 MiB = 1 << 20
 
@@ -64,25 +67,11 @@ def children() -> list[int]:
 
 def build_store(root: Path, n: int, D: int) -> Path:
     """Random images -> .mrcs (through np.memmap) + poses.pkl + ctf.pkl -> ingest."""
-    from distdrgn.formats.mrc import MrcStackWriter
     from distdrgn.store import ingest
 
-    rng = np.random.default_rng(0)
-    mrcs = root / "particles.mrcs"
-    block = 16384
-    with MrcStackWriter(mrcs, n, D, apix=1.0) as writer:
-        for i in range(0, n, block):
-            writer.write(rng.random((min(block, n - i), D, D), dtype=np.float32))
-    rots = np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3)).copy()
-    trans = np.zeros((n, 2), np.float32)
-    with open(root / "poses.pkl", "wb") as fh:
-        pickle.dump((rots, trans), fh)
-    ctf = np.tile(np.array([D, 1.0, 15000, 14000, 30, 300, 2.7, 0.1, 0], np.float32), (n, 1))
-    with open(root / "ctf.pkl", "wb") as fh:
-        pickle.dump(ctf, fh)
-    del rots, trans, ctf
-    store = ingest(mrcs, root / "particles.zarr", poses=root / "poses.pkl", ctf=root / "ctf.pkl", progress=False)
-    mrcs.unlink()
+    files = write_random_particles(root, n, D)
+    store = ingest(files["mrcs"], root / "particles.zarr", poses=files["poses"], ctf=files["ctf"], progress=False)
+    files["mrcs"].unlink()
     return Path(store)
 
 

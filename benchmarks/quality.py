@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import cpu_model  # noqa: E402
 from distdrgn.analysis.latent import load_z  # noqa: E402
 from distdrgn.analysis.validation import (  # noqa: E402
     fsc_summary,
@@ -87,20 +87,12 @@ def log_number(log: Path, pattern: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_description() -> str:
     import torch
 
-    return f"{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only"
+    return f"{cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only"
 
 
 # ----------------------------------------------------------------------------- evaluation

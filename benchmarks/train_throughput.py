@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import cpu_model  # noqa: E402
 from distdrgn.config import Config, ModelConfig  # noqa: E402
 from distdrgn.engine import build_engine  # noqa: E402
 from distdrgn.errors import DistdrgnError  # noqa: E402
@@ -106,12 +106,7 @@ def measure(D: int, B: int, kernels: str, args, device: torch.device) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} threads (CPU only)"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads (CPU only)"
 
 
 def fmt(value, spec: str) -> str:

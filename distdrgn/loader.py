@@ -224,7 +224,10 @@ class SegmentSchedule:
 
 
 class ChunkDataset(Dataset):
-    """Item ``j`` = (seq, images (k, D, D) float32) of the ``j``-th chunk a rank reads.
+    """Item ``j`` = (seq, images (k, D, D) in the stored dtype) of the ``j``-th chunk a rank reads.
+
+    float16 stores stay float16 until the training step converts them on the device: half
+    the bytes through worker shared memory and the host-to-GPU copy, and no CPU conversion.
 
     ``reads`` lists indices into ``order.chunks``. The store is opened lazily in each worker
     process; every item is one whole-chunk read.
@@ -246,7 +249,7 @@ class ChunkDataset(Dataset):
 
             self._store = ParticleStore.open(self.store_path, level=self.level)
         seq = self.reads[j]
-        return seq, torch.from_numpy(self._store.read_chunk(int(self.order.chunks[seq])))
+        return seq, torch.from_numpy(self._store.raw_chunk(int(self.order.chunks[seq])))
 
 
 def plan_reads(order: GlobalOrder, schedule: StepSchedule | SegmentSchedule, rank: int) -> tuple[list[int], dict[int, int]]:
@@ -288,7 +291,7 @@ def stream_batches(
     chunks = iter(loader)
     held: dict[int, torch.Tensor] = {}  # seq -> the chunk's images, until its last step
     counts = {"chunks_read": 0, "images_read": 0, "max_held_images": 0}
-    D = None
+    D, dtype = None, torch.float32
     for step in range(schedule.n_steps):
         pos, seq = schedule.rank_slice(order, step, rank)
         needed = np.unique(seq).tolist()
@@ -300,8 +303,12 @@ def stream_batches(
                 counts["images_read"] += len(images)
         counts["max_held_images"] = max(counts["max_held_images"], sum(len(t) for t in held.values()))
         if D is None:
-            D = next(iter(held.values())).shape[-1] if held else dataset_image_size(store_path, level)
-        out = torch.empty((len(pos), D, D), dtype=torch.float32, pin_memory=pin_memory)
+            if held:
+                first = next(iter(held.values()))
+                D, dtype = first.shape[-1], first.dtype
+            else:
+                D = dataset_image_size(store_path, level)
+        out = torch.empty((len(pos), D, D), dtype=dtype, pin_memory=pin_memory)
         for q in needed:
             rows = np.flatnonzero(seq == q)
             out[torch.from_numpy(rows)] = held[q][torch.from_numpy(pos[rows] - order.chunk_start(q))]

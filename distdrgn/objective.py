@@ -79,7 +79,7 @@ class Batch:
     """One training batch on a device. indices index the store (store order)."""
 
     indices: torch.Tensor  # (B,) int64
-    images: torch.Tensor  # (B, D, D) float32 real space
+    images: torch.Tensor  # (B, D, D) real space, the store's dtype (float32 or float16)
     rots: torch.Tensor  # (B, 3, 3)
     trans: torch.Tensor | None  # (B, 2) fraction of the box
     ctf: torch.Tensor | None  # (B, 9) ctf.pkl rows

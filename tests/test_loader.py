@@ -118,6 +118,24 @@ def test_stream_batches_hold_the_right_images_and_metadata(store, workers):
     assert np.array_equal(np.sort(torch.cat(seen).numpy()), np.sort(order.order()[50:]))
 
 
+def test_float16_store_batches_stay_float16_until_the_step(small_dataset, tmp_path):
+    """Half the bytes through workers and the host-to-device copy; the step converts them."""
+    from distdrgn.lattice import Lattice
+    from distdrgn.objective import Preprocess, masked_hartley
+    from distdrgn.store import ParticleStore, ingest
+
+    path = ingest(small_dataset["particles.mrcs"], tmp_path / "f16.zarr", poses=small_dataset["poses.pkl"],
+                  ctf=small_dataset["ctf.pkl"], dtype="float16", progress=False)
+    store = ParticleStore.open(path)
+    order = GlobalOrder([store.chunk_range(c) for c in range(store.n_chunks)], seed=0, epoch=0)
+    batch = next(iter(stream_batches(str(path), None, order, StepSchedule(store.n, 0, 1, 8), 0,
+                                     Metadata.from_store(store), num_workers=1)))
+    assert batch.images.dtype == torch.float16
+    np.testing.assert_array_equal(batch.images.float().numpy(), store.images(batch.indices.numpy()))
+    prep, lattice = Preprocess(store.D), Lattice(store.D)
+    torch.testing.assert_close(masked_hartley(batch.images, prep, lattice), masked_hartley(batch.images.float(), prep, lattice))
+
+
 def test_device_prefetcher_on_cpu_passes_batches_through(store):
     chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
     order = GlobalOrder(chunks, seed=0, epoch=0)

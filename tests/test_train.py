@@ -204,3 +204,42 @@ def test_hartley_normalisation_is_the_unwindowed_std_like_cryodrgn(small_dataset
     assert estimated == pytest.approx(direct)
     windowed = hartley_std(torch.from_numpy(store.images(np.arange(store.n))), Preprocess(store.D, window=True))
     assert windowed < 0.95 * estimated  # the window removes power: the two choices really differ
+
+
+def test_train_step_never_reads_a_device_value_on_the_host(monkeypatch):
+    """The DDP step queues work only: a host read (bool, item, float, tolist) would make the
+    CPU wait for the GPU every step. The non-finite flag comes back as a tensor."""
+    from distdrgn.engine import build_engine
+    from distdrgn.model import CryoDRGN, ModelInfo
+    from distdrgn.objective import Batch, Preprocess
+    from distdrgn.simulate import random_rotations
+    from distdrgn.train import Runtime, train_step
+
+    cfg = load_config(None, ["model.zdim=2", "model.enc_dim=16", "model.dec_dim=16", "model.enc_layers=2",
+                             "model.dec_layers=2"])
+    model = CryoDRGN(ModelInfo.from_config(cfg.model, 16, seed=0))
+    rt = Runtime(0, 1, torch.device("cpu"), None)
+    engine = build_engine(model, cfg, rt)
+    gen = torch.Generator().manual_seed(0)
+    ctf = torch.tensor([[16, 1.0, 15000, 14000, 30, 300, 2.7, 0.1, 0]]).repeat(4, 1)
+    batch = Batch(torch.arange(4), torch.randn(4, 16, 16, generator=gen), random_rotations(4, gen).float(),
+                  torch.zeros(4, 2), ctf)
+    prep = Preprocess(16)
+    train_step(engine, batch, prep, model.lattice, 0.5, 0.25, rt)  # caches filled, Adam state created
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a device value was read on the host inside train_step")
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    terms, nonfinite = train_step(engine, batch, prep, model.lattice, 0.5, 0.25, rt)
+    monkeypatch.undo()
+    assert nonfinite.shape == () and float(nonfinite) == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the step was taken
+
+    batch.images[1, 3, 3] = float("nan")  # a non-finite step: skipped on the device, parameters untouched
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    terms, nonfinite = train_step(engine, batch, prep, model.lattice, 0.5, 0.25, rt)
+    assert float(nonfinite) == 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -617,8 +617,8 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         terms, nonfinite = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step),
                                       rt)
         # the epoch's totals count the images of the steps taken: masked on the device, no wait
-        per_image = torch.stack([terms.mse + beta * terms.kl / run.model.lattice.n_masked, terms.mse, terms.kl,
-                                 torch.ones_like(terms.mse)]).double()
+        mse, kl = terms.mse.double(), terms.kl.double()
+        per_image = torch.stack([mse + beta * kl / run.model.lattice.n_masked, mse, kl, torch.ones_like(mse)])
         sums += torch.where(nonfinite > 0, 0.0, per_image * len(batch.indices))  # where: NaN * 0 is NaN
         if pending is not None:  # the previous step's flag: its kernels are done by now
             nonfinite_steps.record(*pending)

@@ -15,7 +15,7 @@ A store is one Zarr v3 group::
 and group attributes (format, version, complete, levels, provenance, norm, ...).
 
 Chunk and shard sizes come from :func:`plan_layout`; the defaults were chosen with
-``benchmarks/store_layout.py`` (see docs/store.md for the measurements).
+``benchmarks/store_layout.py`` (README, "Layout choices (measured)").
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ MIN_SHARDS = 32
 INGEST_MEMORY_BUDGET = 2 << 30
 TASK_MEMORY_FACTOR = 4
 MAX_DEFAULT_WORKERS = 8
-# Lossless codecs buy ~7% on noisy float32 particles at a large read cost (see docs/store.md),
+# Lossless codecs buy ~7% on noisy float32 particles at a large read cost (README, "Layout choices (measured)"),
 # so stores are written uncompressed by default.
 DEFAULT_CODEC = "none"
 CODECS = ("none", "zstd", "blosc-zstd-bitshuffle", "blosc-lz4-shuffle")

@@ -1,4 +1,4 @@
-"""``distdrgn bench train|loader|knn [OPTIONS]``: run a throughput benchmark of benchmarks/.
+"""``distdrgn bench train|loader|knn|kernels [OPTIONS]``: run a throughput benchmark of benchmarks/.
 
 The benchmarks are scripts in the source checkout (they print one table and write JSON);
 this command runs the named one in a fresh interpreter with the options that follow, e.g.
@@ -18,6 +18,7 @@ SCRIPTS = {
     "train": ("train_throughput.py", "training-step images/s per device, fused kernels vs PyTorch, vs the roofline"),
     "loader": ("loader_throughput.py", "images/s the store loader sustains from local disk, per worker count"),
     "knn": ("knn.py", "kNN graph build time and recall per backend at 100k-1M latents"),
+    "kernels": ("kernel_resources.py", "registers, spills and tensor-core use of the kernels compiled for sm_90 (no GPU needed)"),
 }
 
 

@@ -15,10 +15,21 @@ import triton.language as tl
 from distdrgn.kernels import interpreting
 
 BLOCK_M = 64  # points per tile
-BLOCK_N = 128  # hidden units per program
+BLOCK_N = 128  # hidden units per program (front end, elementwise kernels)
 BLOCK_G = 32  # encoded frequencies per inner step (sin and cos: 2 x 32 of the first layer's K)
-NUM_WARPS = 4
-NUM_STAGES = 3
+BACKEND_BLOCK_N = 64  # hidden units per step of the output layer (memory-bound: a smaller tile, no spills)
+
+# Warps and pipeline stages per kernel. Chosen by compiling for sm_90 without a GPU
+# (``python -m distdrgn.kernels.aot``, README "GPU kernels and throughput"): the largest tiles
+# that leave no register spills. Speed on a GPU is still unmeasured.
+LAUNCH = {
+    "frontend_fwd": {"num_warps": 4, "num_stages": 3},
+    "frontend_bwd": {"num_warps": 8, "num_stages": 3},
+    "bias_relu": {"num_warps": 4, "num_stages": 3},
+    "relu_grad_colsum": {"num_warps": 4, "num_stages": 3},
+    "backend_fwd": {"num_warps": 8, "num_stages": 3},
+    "backend_bwd": {"num_warps": 8, "num_stages": 3},
+}
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -59,8 +70,9 @@ def images_per_program(B: int, other_programs: int, target_programs: int = 264) 
     return triton.cdiv(B, groups)
 
 
-def launch_options() -> dict:
-    return {} if interpreting() else {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+def launch_options(kernel: str) -> dict:
+    """num_warps / num_stages of ``kernel`` (the interpreter takes none)."""
+    return {} if interpreting() else dict(LAUNCH[kernel])
 
 
 @triton.jit

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from distdrgn.kernels._common import (
+    BACKEND_BLOCK_N,
     BLOCK_M,
-    BLOCK_N,
     canonical_points,
     images_per_program,
     launch_options,
@@ -145,7 +145,7 @@ class FusedBackEnd(torch.autograd.Function):
         o = torch.empty((B * P, 2), device=h.device, dtype=torch.float32)
         sse = torch.empty((B, tpi), device=h.device, dtype=torch.float32)
         _backend_fwd[(B * tpi,)](h, w, bias, lattice, rots, y, ctf_arg, o, sse, P, H, tpi, HAS_CTF=ctf is not None,
-                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **launch_options())
+                                 BLOCK_M=BLOCK_M, BLOCK_N=BACKEND_BLOCK_N, **launch_options("backend_fwd"))
         ctx.save_for_backward(h, w, bias, lattice, rots, y, ctf_arg, o)
         ctx.has_ctf = ctf is not None
         ctx.dtypes = (w_out.dtype, b_out.dtype)
@@ -156,7 +156,7 @@ class FusedBackEnd(torch.autograd.Function):
         h, w, bias, lattice, rots, y, ctf_arg, o = ctx.saved_tensors
         B, P, H = h.shape
         tpi = tiles_per_image(P)
-        n_blocks = triton.cdiv(H, BLOCK_N)
+        n_blocks = triton.cdiv(H, BACKEND_BLOCK_N)
         per_prog = images_per_program(B, n_blocks)
         groups = triton.cdiv(B, per_prog)
         grad_h = torch.empty_like(h)
@@ -164,7 +164,7 @@ class FusedBackEnd(torch.autograd.Function):
         db = torch.empty((groups, 2), device=h.device, dtype=torch.float32)
         _backend_bwd[(n_blocks, groups)](h, w, bias, lattice, rots, y, ctf_arg, o, grad_sse.float().contiguous(),
                                          grad_h, dw, db, B, P, H, tpi, per_prog, HAS_CTF=ctx.has_ctf,
-                                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **launch_options())
+                                         BLOCK_M=BLOCK_M, BLOCK_N=BACKEND_BLOCK_N, **launch_options("backend_bwd"))
         return grad_h, dw.sum(0).to(ctx.dtypes[0]), db.sum(0).to(ctx.dtypes[1]), None, None, None, None
 
 

@@ -126,7 +126,7 @@ class FusedFrontEnd(torch.autograd.Function):
         tpi = tiles_per_image(P)
         grid = (B * tpi, triton.cdiv(H, BLOCK_N))
         _frontend_fwd[grid](lattice, rots, freqs, w_t, zb, out, P, H, G, tpi, DOT=dot_dtype(act_dtype),
-                            IEEE=full_fp32(act_dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options())
+                            IEEE=full_fp32(act_dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options("frontend_fwd"))
         ctx.save_for_backward(lattice, rots, freqs, out)
         ctx.w_dtype = w_pe.dtype
         return out
@@ -145,7 +145,7 @@ class FusedFrontEnd(torch.autograd.Function):
         dzb = torch.empty((B, H), device=out.device, dtype=torch.float32)
         _frontend_bwd[(g_blocks, n_blocks, groups)](
             lattice, rots, freqs, out, grad_out, dw, dzb, B, P, H, G, tpi, per_prog, DOT=dot_dtype(out.dtype),
-            IEEE=full_fp32(out.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options())
+            IEEE=full_fp32(out.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **launch_options("frontend_bwd"))
         dw_pe = dw.sum(0).t().to(ctx.w_dtype)  # (H, 2G)
         return None, None, None, dw_pe, dzb, None
 

@@ -56,7 +56,7 @@ def bias_relu_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """In place: x (M, H) <- relu(x + bias); bias (H,) float32."""
     M, H = x.shape
     grid = (triton.cdiv(M, BLOCK_ROWS), triton.cdiv(H, BLOCK_N))
-    _bias_relu_[grid](x, bias.float().contiguous(), M, H, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_N, **launch_options())
+    _bias_relu_[grid](x, bias.float().contiguous(), M, H, BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_N, **launch_options("bias_relu"))
     return x
 
 
@@ -70,7 +70,7 @@ def relu_grad_colsum(grad_out: torch.Tensor, out: torch.Tensor) -> tuple[torch.T
     g = torch.empty_like(out)
     db = torch.empty((groups, H), device=out.device, dtype=torch.float32)
     _relu_grad_colsum[(n_blocks, groups)](grad_out.contiguous(), out, g, db, M, H, per_prog,
-                                          BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_N, **launch_options())
+                                          BLOCK_R=BLOCK_ROWS, BLOCK_N=BLOCK_N, **launch_options("relu_grad_colsum"))
     return g, db.sum(0)
 
 

@@ -91,18 +91,13 @@ def mask_pc_range(z: np.ndarray, pc: int, lo: float, hi: float) -> np.ndarray:
 
 def load_labels(path: str | Path, n: int) -> np.ndarray:
     """Cluster labels (N,) from a pickle (``kmeansK/labels.pkl`` of ``distdrgn analyze``) or a text file."""
-    from distdrgn.formats.ind import read_pickle
+    from distdrgn.formats.ind import read_pickle, read_text_array
 
     path = Path(path)
     if path.suffix == ".pkl":
         labels = np.asarray(read_pickle(path, "cluster labels"))
     else:
-        if not path.is_file():
-            raise FormatError(f"{path}: no such labels file")
-        try:
-            labels = np.loadtxt(path, dtype=np.int64, ndmin=1)
-        except ValueError as exc:
-            raise FormatError(f"{path}: cannot read labels ({str(exc).splitlines()[0]})") from None
+        labels = read_text_array(path, "labels", np.int64, ndmin=1)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise FormatError(f"{path}: expected a 1-D integer array of labels, got shape {labels.shape} {labels.dtype}")
     if labels.shape[0] != n:

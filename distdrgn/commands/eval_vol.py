@@ -23,6 +23,7 @@ def read_latents(args, zdim: int):
 
     from distdrgn.checkpoint import load_z
     from distdrgn.errors import DistdrgnError
+    from distdrgn.formats.ind import read_text_array
 
     if zdim == 0:
         if args.z is not None or args.zfile is not None:
@@ -36,15 +37,7 @@ def read_latents(args, zdim: int):
     else:
         path = Path(args.zfile)
         source = str(path)
-        if path.suffix == ".pkl":
-            z = load_z(path)[0]
-        else:
-            if not path.is_file():
-                raise DistdrgnError(f"{path}: no such latent file")
-            try:
-                z = np.loadtxt(path, dtype=np.float32, ndmin=2)
-            except ValueError as exc:
-                raise DistdrgnError(f"{path}: cannot parse latents ({str(exc).splitlines()[0]})") from None
+        z = load_z(path)[0] if path.suffix == ".pkl" else read_text_array(path, "latents", np.float32, ndmin=2)
     if z.size == 0 or z.size % zdim or (z.ndim == 2 and z.shape[1] != zdim):
         raise DistdrgnError(f"{source}: latents must have {zdim} values per volume, got shape {z.shape}")
     return z.reshape(-1, zdim)

@@ -27,6 +27,18 @@ def read_pickle(path: str | os.PathLike, what: str = "pickle") -> object:
         raise FormatError(f"{path}: not a pickle file of {what} ({type(exc).__name__}: {exc})") from None
 
 
+def read_text_array(path: str | os.PathLike, what: str, dtype, ndmin: int) -> np.ndarray:
+    """``np.loadtxt`` of a whitespace-separated text file; a missing or unparsable file is a
+    one-line FormatError naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such {what} file")
+    try:
+        return np.loadtxt(path, dtype=dtype, ndmin=ndmin)
+    except ValueError as exc:
+        raise FormatError(f"{path}: cannot parse {what} ({str(exc).splitlines()[0]})") from None
+
+
 def check_indices(arr, n: int, label: str) -> np.ndarray:
     """Validate a 1-D, non-empty integer array of positions in [0, n) -> int64 copy."""
     arr = np.asarray(arr)

@@ -11,8 +11,9 @@ import torch
 
 from distdrgn.config import ModelConfig
 from distdrgn.kernels import interpreting, resolve_kernels
+from distdrgn.kernels.check import mse_and_grads, random_inputs
+from distdrgn.kernels.check import relative_error as rel
 from distdrgn.model import PositionalEncoding, build_model
-from distdrgn.simulate import random_rotations
 
 pytest.importorskip("triton", reason="the fused kernels need triton (pip install -e .[test] installs it)")
 
@@ -25,27 +26,7 @@ def make_case(D=16, zdim=4, pe_type="gaussian", dec_dim=64, dec_layers=3, B=3, s
     cfg = ModelConfig(zdim=zdim, enc_dim=32, enc_layers=2, dec_dim=dec_dim, dec_layers=dec_layers, pe_type=pe_type,
                       pe_dim=pe_dim)
     model = build_model(cfg, D, seed).to(DEVICE)
-    gen = torch.Generator().manual_seed(seed + 1)
-    n = model.lattice.n_masked
-    rots = random_rotations(B, gen).float()
-    data = [torch.randn(B, n, generator=gen) for _ in range(3)]
-    inputs = {"rots": rots, "y_enc": data[0] if zdim else None, "y": data[1], "ctf": data[2] if ctf else None}
-    return model, {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
-
-
-def mse_and_grads(model, inputs, kernels, amp=False):
-    """Per-image MSE and the gradients of a weighted sum of it (distinct weights per image)."""
-    model.kernels = kernels
-    model.zero_grad()
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
-        mse, _, _ = model(inputs["rots"], inputs["y_enc"], sample=False, y=inputs["y"], ctf=inputs["ctf"])
-    (mse * torch.arange(1.0, len(mse) + 1, device=DEVICE)).sum().backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    return mse.detach(), grads
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+    return model, random_inputs(model, B, seed + 1, ctf=ctf)
 
 
 @pytest.mark.parametrize(
@@ -75,8 +56,8 @@ def test_fused_bf16_error_no_larger_than_reference_bf16():
     """With bf16 activations both paths round; the fused one must be as close to fp32 as the reference."""
     model, inputs = make_case(D=24, pe_type="geom_ft", zdim=8, dec_dim=160)
     exact_mse, exact = mse_and_grads(model, inputs, "torch")
-    ref_mse, ref = mse_and_grads(model, inputs, "torch", amp=True)
-    mse, fused = mse_and_grads(model, inputs, "fused", amp=True)
+    ref_mse, ref = mse_and_grads(model, inputs, "torch", torch.bfloat16)
+    mse, fused = mse_and_grads(model, inputs, "fused", torch.bfloat16)
     assert rel(mse, exact_mse) < max(2 * rel(ref_mse, exact_mse), 1e-2)
     for name in exact:
         assert rel(fused[name], exact[name]) < max(2 * rel(ref[name], exact[name]), 0.03), name

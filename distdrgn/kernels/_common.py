@@ -63,11 +63,12 @@ def tiles_per_image(P: int) -> int:
     return triton.cdiv(P, BLOCK_M)
 
 
-def images_per_program(B: int, other_programs: int, target_programs: int = 264) -> int:
-    """Images each program of a reduction kernel walks, so that ``other_programs`` x groups
-    fills about two waves of an H100 (132 SMs) without a large partial-sum buffer."""
-    groups = max(1, min(B, triton.cdiv(target_programs, max(other_programs, 1))))
-    return triton.cdiv(B, groups)
+def items_per_program(n: int, other_programs: int, target_programs: int = 264) -> int:
+    """How many of ``n`` items (images, row blocks) each program of a reduction kernel walks,
+    so that ``other_programs`` x groups fills about two waves of an H100 (132 SMs) without a
+    large partial-sum buffer."""
+    groups = max(1, min(n, triton.cdiv(target_programs, max(other_programs, 1))))
+    return triton.cdiv(n, groups)
 
 
 def launch_options(kernel: str) -> dict:

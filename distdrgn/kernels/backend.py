@@ -23,7 +23,7 @@ from distdrgn.kernels._common import (
     BACKEND_BLOCK_N,
     BLOCK_M,
     canonical_points,
-    images_per_program,
+    items_per_program,
     launch_options,
     tiles_per_image,
 )
@@ -157,7 +157,7 @@ class FusedBackEnd(torch.autograd.Function):
         B, P, H = h.shape
         tpi = tiles_per_image(P)
         n_blocks = triton.cdiv(H, BACKEND_BLOCK_N)
-        per_prog = images_per_program(B, n_blocks)
+        per_prog = items_per_program(B, n_blocks)
         groups = triton.cdiv(B, per_prog)
         grad_h = torch.empty_like(h)
         dw = torch.empty((groups, 2, H), device=h.device, dtype=torch.float32)

@@ -22,7 +22,7 @@ from distdrgn.kernels._common import (
     canonical_points,
     dot_dtype,
     full_fp32,
-    images_per_program,
+    items_per_program,
     launch_options,
     mma,
     tiles_per_image,
@@ -139,7 +139,7 @@ class FusedFrontEnd(torch.autograd.Function):
         grad_out = grad_out.to(out.dtype).contiguous()
         tpi = tiles_per_image(P)
         g_blocks, n_blocks = triton.cdiv(G, BLOCK_G), triton.cdiv(H, BLOCK_N)
-        per_prog = images_per_program(B, g_blocks * n_blocks)
+        per_prog = items_per_program(B, g_blocks * n_blocks)
         groups = triton.cdiv(B, per_prog)
         dw = torch.empty((groups, 2 * G, H), device=out.device, dtype=torch.float32)
         dzb = torch.empty((B, H), device=out.device, dtype=torch.float32)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distdrgn.kernels._common import BLOCK_N, images_per_program, launch_options
+from distdrgn.kernels._common import BLOCK_N, items_per_program, launch_options
 
 BLOCK_ROWS = 32  # rows per inner step of the elementwise kernels
 
@@ -64,8 +64,8 @@ def relu_grad_colsum(grad_out: torch.Tensor, out: torch.Tensor) -> tuple[torch.T
     """(grad (M, H), relu output (M, H)) -> (g = grad * (out > 0) in out's dtype, sum_rows g (H,) float32)."""
     M, H = out.shape
     n_blocks = triton.cdiv(H, BLOCK_N)
-    # row groups: about two waves of programs, each a whole number of BLOCK_ROWS
-    per_prog = images_per_program(triton.cdiv(M, BLOCK_ROWS), n_blocks) * BLOCK_ROWS
+    # row groups: about two waves of programs, each a whole number of BLOCK_ROWS rows
+    per_prog = items_per_program(triton.cdiv(M, BLOCK_ROWS), n_blocks) * BLOCK_ROWS
     groups = triton.cdiv(M, per_prog)
     g = torch.empty_like(out)
     db = torch.empty((groups, H), device=out.device, dtype=torch.float32)

@@ -41,6 +41,7 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["train.epochs=2.5"], "'train.epochs' must be int"),
         ("", ["train.amp=maybe"], "train.amp must be"),
         ("", ["model.pe_type=fourier"], "model.pe_type must be one of"),
+        ("", ["model.kernels=fast"], "model.kernels must be one of auto, fused, torch"),
         ("", ["train.beta=cyclic"], "train.beta must be"),
         ("", ["trainepochs=3"], "expected section.key=value|must be section.key"),
         ("", ["data.invert=yes please"], "'data.invert' must be bool"),

@@ -193,9 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--dim", type=int, default=64, help="encoder and decoder width (both systems)")
     p.add_argument("--layers", type=int, default=3,
-                   help="hidden H x H layers of encoder and decoder, cryoDRGN's --enc-layers/--dec-layers count; "
-                        "distdrgn's model.enc_layers/dec_layers count the input layer too, so it gets layers + 1 "
-                        "(the parameter counts of both logs are recorded and must agree)")
+                   help="hidden H x H layers of encoder and decoder (cryoDRGN's --enc-layers/--dec-layers and "
+                        "distdrgn's model.enc_layers/dec_layers count them alike; the parameter counts of both logs "
+                        "are recorded and must agree)")
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--kernels", default="auto", choices=["auto", "fused", "torch"],
@@ -244,8 +244,8 @@ def main(argv=None) -> int:
 
             shutil.rmtree(run_dir)
         wall = run([py, "-m", "distdrgn.train", "configs/default.yaml", f"data.store={store}", f"output.dir={run_dir}",
-                    f"model.zdim={args.zdim}", f"model.enc_dim={args.dim}", f"model.enc_layers={args.layers + 1}",
-                    f"model.dec_dim={args.dim}", f"model.dec_layers={args.layers + 1}", f"train.epochs={args.epochs}",
+                    f"model.zdim={args.zdim}", f"model.enc_dim={args.dim}", f"model.enc_layers={args.layers}",
+                    f"model.dec_dim={args.dim}", f"model.dec_layers={args.layers}", f"train.epochs={args.epochs}",
                     f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.checkpoint_every=1000",
                     f"model.kernels={args.kernels}"],
                    logs / "distdrgn_train.log", commands)  # fmt: skip
@@ -294,8 +294,8 @@ def main(argv=None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(),
         "settings": {"n": n, "D": args.D, "apix": apix, "snr": args.snr, "dist": "uniform", "ctf": True,
-                     "epochs": args.epochs, "zdim": args.zdim, "enc": f"resid {args.layers}x{args.dim} (cryoDRGN count; distdrgn enc_layers={args.layers + 1})",
-                     "dec": f"{args.layers}x{args.dim} (distdrgn dec_layers={args.layers + 1})", "pe_type": "gaussian", "batch_size": args.batch_size,
+                     "epochs": args.epochs, "zdim": args.zdim, "enc": f"resid {args.layers}x{args.dim}",
+                     "dec": f"{args.layers}x{args.dim}", "pe_type": "gaussian", "batch_size": args.batch_size,
                      "lr": args.lr, "n_fsc": len(idx), "fsc_subset": "stratified over c (evenly spaced ranks)",
                      "baseline": "FSC against the ground truth of another evaluated image (random derangement)"},  # fmt: skip
         "spearman_target": SPEARMAN_TARGET,

@@ -11,7 +11,7 @@ Measured (CPU, real training step of distdrgn's model and loader, per process):
   synced      an ordinary DDP step (backward with the all-reduce overlapped by DDP buckets);
   bytes       gradient bytes all-reduced per step (parameters x 4 bytes for fp32 gradients).
 
-Modelled (clearly a model, no GPU was measured): compute from the CONVENTIONS.md performance
+Modelled (clearly a model, no GPU was measured): compute from the docs/conventions.md performance
 model (decoder 6 P MACs per image + the encoder's 6 n_masked H + 6 H^2 (L-1) per image) at
 ``--mfu`` of the 665 TFLOP/s bf16 roofline; backward = 2/3 of it; a ring all-reduce of each
 DDP bucket, ``2 (W-1)/W * bytes / B + 2 (W-1) * alpha``; buckets are issued in reverse
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOFLINE_FLOPS = 665e12  # dense bf16 matmul measured on the H100 (CONVENTIONS.md)
+ROOFLINE_FLOPS = 665e12  # dense bf16 matmul measured on the H100 (docs/conventions.md)
 GBIT = 1e9 / 8
 
 

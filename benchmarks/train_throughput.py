@@ -5,7 +5,7 @@ CTF, encoder, decoder, loss, backward, the non-finite check and the Adam step) o
 device with the default architecture (encoder and decoder 1024 x 3, zdim 8, gaussian
 encoding, bf16 autocast on GPU) on random images and poses already on the device, so the
 loader is not in the measurement (``benchmarks/loader_throughput.py`` measures it). The
-roofline is CONVENTIONS.md's performance model: ``6 P MACs`` FLOP per image, P = pi (D/2)^2 / 2
+roofline is docs/conventions.md's performance model: ``6 P MACs`` FLOP per image, P = pi (D/2)^2 / 2
 decoded points, at ``--peak-tflops`` (665, a dense bf16 product measured on the H100 lent to
 this project).
 
@@ -43,10 +43,10 @@ from distdrgn.train import Runtime, choose_kernels, train_step  # noqa: E402
 
 
 def decoder_flops_per_image(D: int, model: ModelConfig) -> float:
-    """CONVENTIONS.md: 6 P MACs, MACs = (6 pe_dim + zdim) H + (layers - 1) H^2 + 2 H per point."""
+    """docs/conventions.md: 6 P MACs, MACs = (6 pe_dim + zdim) H + layers H^2 + 2 H per point."""
     H, pe_dim = model.dec_dim, model.pe_dim or D // 2
     points = math.pi * (D / 2) ** 2 / 2
-    macs = (6 * pe_dim + model.zdim) * H + (model.dec_layers - 1) * H * H + 2 * H
+    macs = (6 * pe_dim + model.zdim) * H + model.dec_layers * H * H + 2 * H
     return 6 * points * macs
 
 

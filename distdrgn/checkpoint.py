@@ -1,9 +1,11 @@
 """Run-directory files: ``weights.N.pkl`` checkpoints, ``z.N.pkl`` latents (cryoDRGN layout)
 and mid-epoch step checkpoints ``checkpoints/step.E.C.pkl``.
 
-``N`` is the 0-based index of the epoch just finished (``weights.0.pkl`` after the first
-epoch), as in cryoDRGN; the final ``weights.pkl`` / ``z.pkl`` are copies of the last
-epoch's. A step checkpoint is written during epoch ``E`` after ``C`` of its images were
+Epochs are numbered from 1, as cryoDRGN 4.3.1 numbers them: ``weights.1.pkl`` / ``z.1.pkl``
+are written after the first epoch; the final ``weights.pkl`` / ``z.pkl`` are copies of the
+last epoch's. Run directories of distdrgn 0.1 numbered files from 0 (``weights.0.pkl`` after
+the first epoch); they are recognised by their ``config.yaml`` (no ``run_format``) and read
+with the right epoch numbers (:func:`file_offset`), but not resumed. A step checkpoint is written during epoch ``E`` after ``C`` of its images were
 consumed (``train.checkpoint_every_steps``); only the newest :data:`KEEP_STEP_CHECKPOINTS`
 are kept. Every file is written to a temporary name in the same directory, fsynced and moved
 into place with ``os.replace``, so a crash never leaves a truncated checkpoint under its
@@ -13,13 +15,15 @@ real name; a file damaged anyway (a full disk, a copy cut short) fails to load, 
 
 A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
 
-    {"format": "distdrgn-weights", "version": 1, "epoch": N,
+    {"format": "distdrgn-weights", "version": 2, "epoch": N,
      "model_state_dict", "optimizer_state_dict", "scaler_state_dict",
      "model_info": ModelInfo fields, "preprocess": Preprocess fields,
      "config": resolved config dict, "store": {"path", "n", "D", "apix"}}
 
 plus, in a step checkpoint, ``"position": {"epoch": E, "consumed": C, "sums": [loss, mse,
-kl, images, seconds]}`` (the epoch's running totals over all ranks, for its loss.csv row).
+kl, images], "seconds": S}`` (the epoch's running totals over all ranks and its time so far,
+for its loss.csv row). Version 1 checkpoints (distdrgn 0.1) number epochs from 0;
+:func:`load_weights` returns them with 1-based epochs.
 No RNG state is stored: the trainer reseeds before every step from (seed, epoch, consumed,
 rank), so the data position determines the random numbers too.
 """
@@ -39,8 +43,10 @@ import torch
 from distdrgn.errors import DistdrgnError, FormatError
 
 FORMAT = "distdrgn-weights"
-VERSION = 1
+VERSION = 2
+RUN_FORMAT = 2  # config.yaml's ``run_format``: 2 = epochs from 1, cryoDRGN's layer count
 _WEIGHTS_RE = re.compile(r"^weights\.(\d+)\.pkl$")
+_Z_RE = re.compile(r"^z\.(\d+)\.pkl$")
 _STEP_RE = re.compile(r"^step\.(\d+)\.(\d+)\.pkl$")
 STEP_DIR = "checkpoints"
 KEEP_STEP_CHECKPOINTS = 2
@@ -82,7 +88,11 @@ def load_weights(path: Path, map_location="cpu") -> dict[str, Any]:
         raise DistdrgnError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise DistdrgnError(f"{path}: not a distdrgn checkpoint (cryoDRGN weights files are not supported)")
-    if ckpt.get("version") != VERSION:
+    if ckpt.get("version") == 1:  # distdrgn 0.1: 0-based epochs (its model_info has no layer_convention)
+        ckpt["epoch"] = int(ckpt["epoch"]) + 1
+        if "position" in ckpt:
+            ckpt["position"]["epoch"] = int(ckpt["position"]["epoch"]) + 1
+    elif ckpt.get("version") != VERSION:
         raise DistdrgnError(f"{path}: checkpoint version {ckpt.get('version')} is not supported (expected {VERSION})")
     return ckpt
 
@@ -114,27 +124,62 @@ def load_z(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return np.asarray(z_mu, dtype=np.float32), None if z_logvar is None else np.asarray(z_logvar, np.float32)
 
 
-def checkpoint_epochs(run_dir: Path) -> list[int]:
-    """Sorted epoch indices N of the ``weights.N.pkl`` files in ``run_dir``."""
+def file_offset(run_dir: Path) -> int:
+    """How file numbers relate to epochs in ``run_dir``: epoch = N + offset for ``weights.N.pkl``.
+
+    0 for distdrgn (``config.yaml`` with ``run_format``) and cryoDRGN run directories (its
+    ``model_args``), 1 for distdrgn 0.1 ones (epochs numbered from 0). Without a config.yaml,
+    a ``weights.0.pkl`` marks the old numbering.
+    """
     run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+        if isinstance(cfg, dict) and ("run_format" in cfg or "model_args" in cfg):
+            return 0
+        return 1
+    return 1 if (run_dir / "weights.0.pkl").is_file() else 0
+
+
+def _numbered(run_dir: Path, regex: re.Pattern) -> list[int]:
     if not run_dir.is_dir():
         return []
-    found = (_WEIGHTS_RE.match(p.name) for p in run_dir.iterdir())
-    return sorted(int(m.group(1)) for m in found if m)
+    offset = file_offset(run_dir)
+    return sorted(int(m.group(1)) + offset for m in (regex.match(p.name) for p in run_dir.iterdir()) if m)
+
+
+def checkpoint_epochs(run_dir: Path) -> list[int]:
+    """Sorted epochs (from 1) of the ``weights.N.pkl`` files in ``run_dir``."""
+    return _numbered(Path(run_dir), _WEIGHTS_RE)
+
+
+def z_epochs(run_dir: Path) -> list[int]:
+    """Sorted epochs (from 1) of the ``z.N.pkl`` files in ``run_dir``."""
+    return _numbered(Path(run_dir), _Z_RE)
+
+
+def epoch_file(run_dir: Path, stem: str, epoch: int) -> Path:
+    """``STEM.N.pkl`` holding ``epoch`` (1-based) in ``run_dir``, whatever its numbering."""
+    return Path(run_dir) / f"{stem}.{epoch - file_offset(run_dir)}.pkl"
 
 
 def weights_path(run_dir: Path, epoch: int | None = None) -> Path:
-    """``weights.N.pkl`` for ``epoch``, or the final ``weights.pkl`` (else the latest N)."""
+    """The weights of ``epoch`` (from 1), or the final ``weights.pkl`` (else the latest)."""
     run_dir = Path(run_dir)
     if epoch is not None:
-        return run_dir / f"weights.{epoch}.pkl"
+        return epoch_file(run_dir, "weights", epoch)
     final = run_dir / "weights.pkl"
     if final.is_file():
         return final
     epochs = checkpoint_epochs(run_dir)
     if not epochs:
         raise DistdrgnError(f"{run_dir}: no weights.pkl or weights.N.pkl (not a training run directory?)")
-    return run_dir / f"weights.{epochs[-1]}.pkl"
+    return epoch_file(run_dir, "weights", epochs[-1])
 
 
 # ---- resuming: step checkpoints and the latest readable checkpoint -----------------------
@@ -147,10 +192,10 @@ def step_checkpoint_path(run_dir: Path, epoch: int, consumed: int) -> Path:
 def resume_points(run_dir: Path) -> list[tuple[tuple[int, int], Path]]:
     """``((epoch, consumed), path)`` of every checkpoint to resume from, newest first.
 
-    ``weights.N.pkl`` resumes at ``(N + 1, 0)``; ``checkpoints/step.E.C.pkl`` at ``(E, C)``.
+    The weights of epoch N resume at ``(N + 1, 0)``; ``checkpoints/step.E.C.pkl`` at ``(E, C)``.
     """
     run_dir = Path(run_dir)
-    points = [((n + 1, 0), run_dir / f"weights.{n}.pkl") for n in checkpoint_epochs(run_dir)]
+    points = [((n + 1, 0), epoch_file(run_dir, "weights", n)) for n in checkpoint_epochs(run_dir)]
     step_dir = run_dir / STEP_DIR
     if step_dir.is_dir():
         for p in step_dir.iterdir():

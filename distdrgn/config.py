@@ -50,9 +50,9 @@ class ModelConfig:
     zdim: int = 8  # latent dimension; 0 = homogeneous reconstruction (no encoder)
     encoder: str = "resid"  # resid | mlp
     enc_dim: int = 1024
-    enc_layers: int = 3  # hidden layers: in -> H, then enc_layers - 1 of H -> H
+    enc_layers: int = 3  # hidden H -> H layers after the input layer (cryoDRGN --enc-layers)
     dec_dim: int = 1024
-    dec_layers: int = 3  # hidden layers: in -> H, then dec_layers - 1 residual H -> H
+    dec_layers: int = 3  # residual H -> H layers after the input layer (cryoDRGN --dec-layers)
     pe_type: str = "gaussian"
     pe_dim: int | None = None  # None = D/2
     feat_sigma: float = 0.5  # std of the gaussian frequencies, in units of D/2
@@ -80,6 +80,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 50  # steps between progress log lines in run.log
     max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/inf loss or gradient
+    load: str | None = None  # start from these weights (a weights.N.pkl of a distdrgn run; cryoDRGN --load)
+    analyze: bool = True  # run `distdrgn analyze` on the final epoch when training ends (as cryoDRGN 4.3.1)
 
 
 @dataclass
@@ -166,7 +168,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (cfg.model.zdim >= 0, "model.zdim must be >= 0"),
         (cfg.model.enc_dim > 0 and cfg.model.dec_dim > 0, "model.enc_dim and model.dec_dim must be > 0"),
-        (cfg.model.enc_layers >= 1 and cfg.model.dec_layers >= 1, "model.enc_layers and model.dec_layers must be >= 1"),
+        (cfg.model.enc_layers >= 0 and cfg.model.dec_layers >= 0, "model.enc_layers and model.dec_layers must be >= 0"),
         (cfg.model.pe_dim is None or cfg.model.pe_dim >= 1, "model.pe_dim must be >= 1"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -178,6 +180,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
         (cfg.data.level is None or (cfg.data.level >= 4 and cfg.data.level % 2 == 0), "data.level must be even and >= 4"),
         (0 < cfg.data.window_inner < cfg.data.window_outer, "data.window_inner must be in (0, data.window_outer)"),
+        (cfg.metrics.port is None or 1 <= cfg.metrics.port <= 65535,
+         f"metrics.port must be null or in 1..65535, got {cfg.metrics.port}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -197,6 +201,8 @@ def from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise DistdrgnError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
     for section, values in data.items():
+        if section == "run_format":  # written by dump_config: how the run directory numbers its files
+            continue
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -246,5 +252,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML text (what config.yaml in a run directory holds)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML text (what config.yaml in a run directory holds).
+
+    ``run_format`` comes first (:data:`distdrgn.checkpoint.RUN_FORMAT`): 2 = epochs numbered
+    from 1 and layers counted as cryoDRGN counts them; a config.yaml without it is read as
+    distdrgn 0.1 wrote it.
+    """
+    from distdrgn.checkpoint import RUN_FORMAT
+
+    return yaml.safe_dump({"run_format": RUN_FORMAT, **cfg.to_dict()}, sort_keys=False)

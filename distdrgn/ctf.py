@@ -1,4 +1,4 @@
-"""Contrast transfer function (CONVENTIONS.md) and the cryoDRGN ``ctf.pkl`` layout.
+"""Contrast transfer function (docs/conventions.md) and the cryoDRGN ``ctf.pkl`` layout.
 
 ``ctf.pkl`` rows are ``[D, apix, dfu, dfv, dfang, kv, cs, w, phase_shift]``
 (box in pixels, Angstrom/pixel, Angstrom, Angstrom, degrees, kV, mm, fraction, degrees).

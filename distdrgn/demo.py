@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     _run([py, "-m", "distdrgn.cli", "ingest", str(data / "particles.star"), "-o", str(store), "--force"])
     _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
           "-m", "distdrgn.train", str(args.config), f"data.store={store}", f"output.dir={run}",
-          f"train.epochs={args.epochs}"])
+          f"train.epochs={args.epochs}", "train.analyze=false"])
     _run([py, "-m", "distdrgn.cli", "analyze", str(run), "-o", str(out / "analyze")])
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"  dataset + ground truth: {data}")

@@ -1,4 +1,4 @@
-"""Centred Fourier and Hartley transforms of images and volumes (CONVENTIONS.md).
+"""Centred Fourier and Hartley transforms of images and volumes (docs/conventions.md).
 
 Images are real ``(..., D, D)`` arrays with row = y, column = x and the centre at pixel
 ``(D/2, D/2)``. The centred transform is ``fftshift(fft(fftshift(x)))`` over the last two

@@ -3,7 +3,7 @@
 Lattice index ``(j_y, j_x)`` of the symmetrised Hartley image holds frequency
 ``k = ((j_x - D/2) / D, (j_y - D/2) / D)`` in cycles per pixel, so coordinates span
 [-0.5, 0.5] in x (columns) and y (rows). A slice of the volume for pose ``R`` samples
-the 3D transform at the row vectors ``[k_x, k_y, 0] @ R`` (CONVENTIONS.md).
+the 3D transform at the row vectors ``[k_x, k_y, 0] @ R`` (docs/conventions.md).
 
 Only points inside the circle of radius D/2 (in lattice steps), excluding DC, are modelled.
 They are ordered as ``[half, mirror]``: ``half`` holds one of every ``(k, -k)`` pair and

@@ -9,7 +9,7 @@ process (tests) do not clash. Metric names (all ``distdrgn_*``):
 - ``distdrgn_step_seconds`` (gauge): wall time of the last step;
 - ``distdrgn_data_wait_seconds`` (gauge): time the last step waited for its batch;
 - ``distdrgn_gpu_memory_bytes`` (gauge): peak allocated GPU memory on rank 0 (0 on CPU);
-- ``distdrgn_epoch`` (gauge): current 0-based epoch;
+- ``distdrgn_epoch`` (gauge): current epoch (from 1, as in weights.N.pkl);
 - ``distdrgn_nonfinite_steps_total`` (counter): steps skipped for a NaN/inf loss or gradient;
 - ``distdrgn_last_checkpoint_timestamp_seconds`` (gauge): Unix time of the last checkpoint.
 """
@@ -37,7 +37,7 @@ class TrainingMetrics:
         self.step_seconds = Gauge("distdrgn_step_seconds", "Wall time of the last training step", registry=r)
         self.data_wait_seconds = Gauge("distdrgn_data_wait_seconds", "Time the last step waited for data", registry=r)
         self.gpu_memory = Gauge("distdrgn_gpu_memory_bytes", "Peak allocated GPU memory on rank 0", registry=r)
-        self.epoch = Gauge("distdrgn_epoch", "Current epoch (0-based)", registry=r)
+        self.epoch = Gauge("distdrgn_epoch", "Current epoch (from 1, as in weights.N.pkl)", registry=r)
         self.nonfinite_steps = Counter("distdrgn_nonfinite_steps", "Steps skipped for a non-finite loss or gradient",
                                        registry=r)
         self.last_checkpoint = Gauge(

@@ -1,11 +1,13 @@
 """The cryoDRGN model: image encoder, positional encodings, coordinate decoder, and the VAE.
 
 Shapes use B = batch, P = points, n_masked/n_half from :class:`~distdrgn.lattice.Lattice`.
-Coordinates are in cycles per pixel, spanning [-0.5, 0.5] (CONVENTIONS.md).
+Coordinates are in cycles per pixel, spanning [-0.5, 0.5] (docs/conventions.md).
 
-Layer counting follows the performance model in CONVENTIONS.md: an MLP with ``layers = L``
-hidden layers of width H is ``in -> H``, then ``L - 1`` layers ``H -> H`` (residual in the
-decoder and the ``resid`` encoder), then ``H -> out``; ReLU after every hidden layer.
+Layers are counted as cryoDRGN 4.3.1 counts them (``--enc-layers`` / ``--dec-layers`` L):
+an MLP of L layers of width H is ``in -> H``, then L hidden layers ``H -> H`` (residual in the
+decoder and the ``resid`` encoder), then ``H -> out``; ReLU after the input and every hidden
+layer. Run directories of distdrgn 0.1 counted the input layer among the L
+(``ModelInfo.layer_convention == "distdrgn-0.1"``: L - 1 hidden layers); they still load.
 """
 
 from __future__ import annotations
@@ -123,12 +125,12 @@ class PositionalEncoding(nn.Module):
 
 
 class MLP(nn.Module):
-    """``in -> H`` then ``layers - 1`` hidden ``H -> H`` (optionally residual) then ``H -> out``."""
+    """``in -> H`` then ``n_hidden`` layers ``H -> H`` (optionally residual) then ``H -> out``."""
 
-    def __init__(self, in_dim: int, hidden: int, layers: int, out_dim: int, residual: bool):
+    def __init__(self, in_dim: int, hidden: int, n_hidden: int, out_dim: int, residual: bool):
         super().__init__()
         self.inp = nn.Linear(in_dim, hidden)
-        self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
+        self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_hidden))
         self.out = nn.Linear(hidden, out_dim)
         self.residual = residual
 
@@ -142,10 +144,10 @@ class MLP(nn.Module):
 class Encoder(nn.Module):
     """(B, n_masked) normalised Hartley values -> z_mu (B, zdim), z_logvar (B, zdim)."""
 
-    def __init__(self, n_in: int, hidden: int, layers: int, zdim: int, residual: bool):
+    def __init__(self, n_in: int, hidden: int, n_hidden: int, zdim: int, residual: bool):
         super().__init__()
         self.zdim = zdim
-        self.mlp = MLP(n_in, hidden, layers, 2 * zdim, residual)
+        self.mlp = MLP(n_in, hidden, n_hidden, 2 * zdim, residual)
 
     def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.mlp(y)
@@ -172,12 +174,12 @@ class Decoder(nn.Module):
     ``real + imag`` at -k. ``domain='hartley'``: one real output, the Hartley value itself.
     """
 
-    def __init__(self, pe: PositionalEncoding, zdim: int, hidden: int, layers: int, domain: str):
+    def __init__(self, pe: PositionalEncoding, zdim: int, hidden: int, n_hidden: int, domain: str):
         super().__init__()
         self.pe = pe
         self.zdim = zdim
         self.domain = domain
-        self.mlp = MLP(pe.out_dim + zdim, hidden, layers, 2 if domain == "fourier" else 1, residual=True)
+        self.mlp = MLP(pe.out_dim + zdim, hidden, n_hidden, 2 if domain == "fourier" else 1, residual=True)
 
     def _features(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         feats = self.pe(coords)
@@ -274,6 +276,20 @@ class ModelInfo:
     feat_sigma: float
     domain: str
     seed: int
+    # how enc_layers / dec_layers were counted: "cryodrgn" (L hidden H -> H layers, as
+    # cryoDRGN's --enc-layers/--dec-layers) or "distdrgn-0.1" (L - 1; the input layer counted).
+    # Checkpoints written before the field existed are read as "distdrgn-0.1".
+    layer_convention: str = "distdrgn-0.1"
+
+    @property
+    def enc_hidden(self) -> int:
+        """Number of H -> H hidden layers of the encoder."""
+        return self.enc_layers - (self.layer_convention == "distdrgn-0.1")
+
+    @property
+    def dec_hidden(self) -> int:
+        """Number of residual H -> H hidden layers of the decoder."""
+        return self.dec_layers - (self.layer_convention == "distdrgn-0.1")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, D: int, seed: int) -> "ModelInfo":
@@ -290,6 +306,7 @@ class ModelInfo:
             feat_sigma=cfg.feat_sigma,
             domain=cfg.domain,
             seed=seed,
+            layer_convention="cryodrgn",
         )
 
 
@@ -305,12 +322,12 @@ class CryoDRGN(nn.Module):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(info.seed)
             self.encoder = (
-                Encoder(self.lattice.n_masked, info.enc_dim, info.enc_layers, info.zdim, info.encoder == "resid")
+                Encoder(self.lattice.n_masked, info.enc_dim, info.enc_hidden, info.zdim, info.encoder == "resid")
                 if info.zdim > 0
                 else None
             )
             pe = PositionalEncoding(info.pe_type, info.pe_dim, info.D, info.feat_sigma, seed=info.seed)
-            self.decoder = Decoder(pe, info.zdim, info.dec_dim, info.dec_layers, info.domain)
+            self.decoder = Decoder(pe, info.zdim, info.dec_dim, info.dec_hidden, info.domain)
         # moves with the model, so a training step does not copy it to the device
         self.register_buffer("slice_coords", self.lattice.coords[self.lattice.mask_indices], persistent=False)
         self.kernels = "torch"  # "fused" routes forward(..., y=...) through distdrgn.kernels

@@ -1,4 +1,4 @@
-"""Image formation and the VAE loss (CONVENTIONS.md "Model and loss").
+"""Image formation and the VAE loss (docs/conventions.md "Model and loss").
 
 The observed image goes through: contrast inversion (x -1, ``data.invert``), the real-space
 soft window, the centred Hartley transform, symmetrisation to (D+1)^2, the lattice mask

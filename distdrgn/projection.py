@@ -1,6 +1,6 @@
 """Fourier-slice projection of volumes, voxel back-projection, and Fourier shell correlation.
 
-Conventions (CONVENTIONS.md): a volume is a real ``(D, D, D)`` array with axes ``[z, y, x]`` and
+Conventions (docs/conventions.md): a volume is a real ``(D, D, D)`` array with axes ``[z, y, x]`` and
 its centre at voxel ``(D/2, D/2, D/2)``; an image is ``(D, D)`` with row = y, column = x and its
 centre at pixel ``(D/2, D/2)``. For pose ``R`` the image is the projection along z of
 ``V(R^T x)``, so its centred 2D transform at frequency ``k = (k_x, k_y)`` equals the centred 3D

@@ -1,6 +1,6 @@
 """Simulated heterogeneous particle datasets with ground truth (``distdrgn simulate``).
 
-Each image is formed exactly as CONVENTIONS.md prescribes, from the analytic Fourier transform
+Each image is formed exactly as docs/conventions.md prescribes, from the analytic Fourier transform
 of the pseudo-atomic model in :mod:`distdrgn.atoms` (no interpolation):
 
 1. draw the particle's state (conformation ``c``, subunit present or not; see :data:`DISTRIBUTIONS`),

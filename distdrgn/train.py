@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distdrgn.checkpoint import (
+    file_offset,
     load_latest,
     load_weights,
     remove_stale_temporaries,
@@ -477,7 +478,7 @@ def find_checkpoint(out_dir: Path, rt: Runtime) -> tuple[dict | None, Path | Non
 def resume_position(ckpt: dict | None) -> tuple[int, int, EpochTotals | None]:
     """(epoch, images of it consumed, its running totals) to continue from."""
     if ckpt is None:
-        return 0, 0, None
+        return 1, 0, None
     if "position" in ckpt:
         pos = ckpt["position"]
         return int(pos["epoch"]), int(pos["consumed"]), EpochTotals(list(pos["sums"]), float(pos["seconds"]))
@@ -516,6 +517,10 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     # ---- resume or start -------------------------------------------------------------
     ckpt, ckpt_path = find_checkpoint(out_dir, rt)
     start_epoch, start, carried = resume_position(ckpt)
+    if ckpt and file_offset(out_dir):
+        raise DistdrgnError(f"{out_dir}: written by distdrgn 0.1 (epochs numbered from 0); its files can be read "
+                            f"(eval-vol, analyze, encode) but training does not continue it: use a new output.dir, "
+                            f"with train.load={ckpt_path} to start from its weights")
     if ckpt:
         prep = Preprocess(**ckpt["preprocess"])
         info = ModelInfo(**ckpt["model_info"])
@@ -541,7 +546,11 @@ def _train(cfg: Config, rt: Runtime) -> Path:
         rt.amp_dtype, prep.ht_std, norm_source,
     )
 
-    model = CryoDRGN(info).to(rt.device)
+    model = CryoDRGN(info)
+    if not ckpt and cfg.train.load:
+        load_initial_weights(model, Path(cfg.train.load))
+        log.info("started from the weights of %s", cfg.train.load)
+    model = model.to(rt.device)
     model.kernels, why = choose_kernels(model, cfg.model.kernels, rt)
     log.info("decoder kernels: %s (%s)", model.kernels, why)
     engine = build_engine(model, cfg, rt)
@@ -563,16 +572,16 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     run = Run(cfg, rt, out_dir, store, meta, prep, info, model, engine, parse_beta(cfg.train.beta, info.zdim),
               metrics, TestHooks.from_env(rt, start_epoch, start))
     try:
-        if start_epoch >= cfg.train.epochs:
-            log.info("nothing to do: %d epoch(s) already trained (train.epochs=%d)", start_epoch, cfg.train.epochs)
+        if start_epoch > cfg.train.epochs:
+            log.info("nothing to do: %d epoch(s) already trained (train.epochs=%d)", start_epoch - 1, cfg.train.epochs)
             if rt.is_main and not (out_dir / "weights.pkl").exists():  # interrupted before the final copy
                 copy_atomic(out_dir / f"weights.{start_epoch - 1}.pkl", out_dir / "weights.pkl")
                 if (out_dir / f"z.{start_epoch - 1}.pkl").exists():
                     copy_atomic(out_dir / f"z.{start_epoch - 1}.pkl", out_dir / "z.pkl")
-        for epoch in range(start_epoch, cfg.train.epochs):
+        for epoch in range(start_epoch, cfg.train.epochs + 1):  # numbered from 1, as in cryoDRGN
             run_epoch(run, epoch, start if epoch == start_epoch else 0, carried if epoch == start_epoch else None)
-            last = epoch == cfg.train.epochs - 1
-            if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
+            last = epoch == cfg.train.epochs
+            if last or epoch % cfg.train.checkpoint_every == 0:
                 zs = None
                 if info.zdim:
                     mu, logvar = encode_segment(model, prep, store, batch_size=max(64, cfg.train.batch_size),
@@ -586,7 +595,30 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     finally:
         if metrics:
             metrics.close()
+    if cfg.train.analyze and info.zdim:
+        if rt.distributed:
+            dist.barrier()  # every rank is done with the run directory
+        if rt.is_main:
+            from distdrgn.analysis.analyze import analyze
+
+            log.info("running analyze on the final epoch (train.analyze=false skips it)")
+            report = analyze(out_dir, device=str(rt.device))
+            log.info("analysis: %s", report)
     return out_dir
+
+
+def load_initial_weights(model: CryoDRGN, path: Path) -> None:
+    """``train.load``: the model parameters of another run's checkpoint (not its optimizer or epoch)."""
+    ckpt = load_weights(path)
+    theirs = ModelInfo(**ckpt["model_info"])
+    if (theirs.D, theirs.enc_hidden, theirs.dec_hidden) != (model.info.D, model.info.enc_hidden, model.info.dec_hidden):
+        raise DistdrgnError(f"train.load={path}: its model (box {theirs.D}, {theirs.enc_hidden} encoder and "
+                            f"{theirs.dec_hidden} decoder hidden layers) is not the one configured")
+    try:
+        model.load_state_dict(ckpt["model_state_dict"])
+    except RuntimeError as exc:
+        raise DistdrgnError(f"train.load={path}: weights do not fit the configured model "
+                            f"({str(exc).splitlines()[0]})") from None
 
 
 def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> None:
@@ -613,7 +645,7 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         batch = next(batches)
         t_data = time.perf_counter() - t0
         seed_step(cfg.train.seed, epoch, lo, rt.rank)
-        beta = run.beta_at(epoch + lo / store.n)
+        beta = run.beta_at(epoch - 1 + lo / store.n)  # the schedule counts epochs trained, from 0
         terms, nonfinite = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step),
                                       rt)
         # the epoch's totals count the images of the steps taken: masked on the device, no wait
@@ -636,9 +668,9 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
     loss, mse, kl, n = (sums / torch.clamp(sums[3], min=1)).tolist()[:3] + [int(sums[3])]
     seconds = seconds_before + time.perf_counter() - t_epoch
     if rt.is_main:
-        beta = run.beta_at(epoch)
+        beta = run.beta_at(epoch - 1)
         log.info("epoch %d/%d: loss %.6g (MSE %.6g, KL %.4g, beta %.4g), %d images in %.1fs = %.1f img/s "
-                 "(%.1f per process)", epoch, cfg.train.epochs - 1, loss, mse, kl, beta, n, seconds,
+                 "(%.1f per process)", epoch, cfg.train.epochs, loss, mse, kl, beta, n, seconds,
                  n / seconds, n / seconds / rt.world_size)
         append_loss_row(run.out_dir, {"epoch": epoch, "loss": loss, "mse": mse, "kl": kl, "beta": beta, "images": n,
                                       "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2)})

@@ -55,9 +55,17 @@ def model_from_checkpoint(ckpt: dict, path: Path) -> TrainedModel:
     return TrainedModel(model, Preprocess(**ckpt["preprocess"]), store.get("apix"), int(ckpt["epoch"]), ckpt.get("config", {}), path)
 
 
-def load_model(run_dir: str | Path, epoch: int | None = None, device=None) -> TrainedModel:
-    """Load ``weights.pkl`` (or ``weights.<epoch>.pkl``) from a run directory, or a weights file."""
+def load_model(run_dir: str | Path, epoch: int | None = None, device=None, config: str | Path | None = None) -> TrainedModel:
+    """Load ``weights.pkl`` (or ``weights.<epoch>.pkl``) from a run directory, or a weights file.
+
+    cryoDRGN 4.x run directories (or weights files with ``config``, a cryoDRGN config.yaml)
+    load through :mod:`distdrgn.cryodrgn_run`.
+    """
+    from distdrgn import cryodrgn_run
+
     run_dir = Path(run_dir)
+    if config is not None or cryodrgn_run.is_cryodrgn_run(run_dir):
+        return cryodrgn_run.load_cryodrgn_run(run_dir, epoch, device=device, config=config)
     path = run_dir if run_dir.is_file() else weights_path(run_dir, epoch)
     trained = model_from_checkpoint(load_weights(path), path)
     if device is not None:
@@ -72,6 +80,10 @@ def eval_volume(trained: TrainedModel, z=None, D: int | None = None, device=None
     ``D`` (even, default the training box) evaluates the same frequency extent on a coarser
     or finer lattice; the voxel size then scales by ``D_train / D``.
     """
+    if trained.config.get("format") == "cryodrgn" and (D is None or int(D) == trained.D):
+        from distdrgn.cryodrgn_run import eval_cryodrgn_volume
+
+        return eval_cryodrgn_volume(trained, z, device=device)
     model = trained.model
     D = trained.D if D is None else int(D)
     if D % 2 or D < 4:
@@ -116,12 +128,21 @@ def eval_volumes(
     device=None,
     prefix: str = "vol_",
     progress=None,
+    start_index: int = 0,
+    invert: bool = False,
+    low_pass: float | None = None,
+    crop: int | None = None,
 ) -> list[Path]:
     """Write ``vol_000.mrc``, ... for each row of ``zs`` (n, zdim) (one volume if zdim = 0).
 
     The voxel size is ``apix`` if given, else the training pixel size scaled by
-    ``D_train / D``. ``flip`` mirrors the volume along z (inverts the handedness).
+    ``D_train / D``. ``flip`` mirrors the volume along z (inverts the handedness); then
+    ``invert`` negates it, ``low_pass`` (Angstrom) filters it and ``crop`` keeps the central
+    box (:func:`~distdrgn.cryodrgn_run.postprocess_volume`, cryoDRGN's order). Files are
+    numbered from ``start_index``.
     """
+    from distdrgn.cryodrgn_run import postprocess_volume
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     D = trained.D if D is None else int(D)
@@ -131,9 +152,8 @@ def eval_volumes(
     paths = []
     for i, z in enumerate(rows):
         vol = eval_volume(trained, z, D=D, device=device)
-        if flip:
-            vol = vol[::-1]
-        path = out_dir / f"{prefix}{i:03d}.mrc"
+        vol = postprocess_volume(vol, flip=flip, invert=invert, low_pass=low_pass, apix=apix or 1.0, crop=crop)
+        path = out_dir / f"{prefix}{i + start_index:03d}.mrc"
         write_mrc(path, vol, apix or 1.0, is_volume=True)
         paths.append(path)
         if progress is not None:

@@ -13,6 +13,7 @@ import pytest
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "formats"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"format fixtures not found at {FIXTURES}")
+CRYODRGN_RUNS = FIXTURES.parent / "cryodrgn_runs"  # real cryoDRGN 4.3.1 run directories
 
 
 def read_mrc_data(path) -> np.ndarray:

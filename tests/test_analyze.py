@@ -19,7 +19,7 @@ from distdrgn import cli
 from distdrgn.analysis.analyze import analyze, resolve_epoch
 from distdrgn.analysis.report import Figure, Section, Table, render_report
 from distdrgn.checkpoint import save_weights, save_z
-from distdrgn.config import Config
+from distdrgn.config import Config, dump_config
 from distdrgn.errors import DistdrgnError
 from distdrgn.model import build_model
 from distdrgn.objective import Preprocess
@@ -37,11 +37,11 @@ def make_run(run_dir: Path, zdim: int = 3, n: int = 400, epochs: int = 2, seed: 
     cfg.model.enc_dim = cfg.model.dec_dim = 16
     cfg.model.enc_layers = cfg.model.dec_layers = 2
     cfg.output.dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     model = build_model(cfg.model, D, seed)
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(4, max(zdim, 1))) * 3
-    for epoch in range(epochs):
+    for epoch in range(1, epochs + 1):  # numbered from 1, as training numbers them
         payload = {
             "epoch": epoch,
             "model_state_dict": model.state_dict(),
@@ -61,7 +61,7 @@ def make_run(run_dir: Path, zdim: int = 3, n: int = 400, epochs: int = 2, seed: 
         save_z(run_dir / "z.pkl", z, np.full_like(z, -2.0))
     with open(run_dir / "loss.csv", "w") as f:
         f.write("epoch,loss,mse,kl,beta,images,seconds,images_per_second\n")
-        for e in range(epochs):
+        for e in range(1, epochs + 1):
             f.write(f"{e},{1.0 / (e + 1)},{0.9 / (e + 1)},{0.1 * e},0.33,{n},1.5,{n / 1.5}\n")
     (run_dir / "run.log").write_text("synthetic run\n")
     return run_dir
@@ -125,12 +125,12 @@ def test_cli_analyze_writes_every_output(run_dir, tmp_path):
 
 
 def test_default_outdir_and_epoch_selection(run_dir, tmp_path):
-    # final z.pkl by default; the checkpoint says it is epoch 1 -> analyze.1
+    # final z.pkl by default; the checkpoint says it is epoch 2 -> analyze.2
     assert resolve_epoch(run_dir, None).z_path.name == "z.pkl"
-    assert resolve_epoch(run_dir, -2).z_path.name == "z.0.pkl"
-    report = analyze(run_dir, epoch=0, ksample=3, n_pcs=1, umap=True, umap_max_fit=200, umap_epochs=20,
+    assert resolve_epoch(run_dir, -2).z_path.name == "z.1.pkl"
+    report = analyze(run_dir, epoch=1, ksample=3, n_pcs=1, umap=True, umap_max_fit=200, umap_epochs=20,
                      traversal_points=3, device="cpu")
-    out = run_dir / "analyze.0"
+    out = run_dir / "analyze.1"
     assert report == out / "report.html" and report.is_file()
     assert (out / "kmeans3" / "vol_002.mrc").is_file()
     # UMAP fitted on 200 of the 400 particles, the rest transformed
@@ -141,9 +141,9 @@ def test_default_outdir_and_epoch_selection(run_dir, tmp_path):
     for name in ("umap_density.png", "umap_kmeans.png"):
         assert (out / name).is_file() and f'data-file="{name}"' in html
     default = analyze(run_dir, ksample=2, n_pcs=0, umap=False, device="cpu")
-    assert default == run_dir / "analyze.1" / "report.html"  # the final weights.pkl is epoch 1
+    assert default == run_dir / "analyze.2" / "report.html"  # the final weights.pkl is epoch 2
     assert "UMAP disabled" in default.read_text()
-    with pytest.raises(DistdrgnError, match="saved epochs: 0, 1"):
+    with pytest.raises(DistdrgnError, match="saved epochs: 1, 2"):
         resolve_epoch(run_dir, 7)
 
 
@@ -198,7 +198,7 @@ def test_analyze_a_real_training_run(small_dataset, tiny_overrides, tmp_path):
     run = train(load_config(None, tiny_overrides(small_dataset["store"], tmp_path / "run")))
     assert cli.main(["analyze", str(run), "--ksample", "4", "--pc", "1", "--traversal-points", "3",
                      "--no-umap", "--device", "cpu"]) == 0
-    out = run / "analyze.1"  # 2 epochs: the final weights.pkl / z.pkl are epoch 1
+    out = run / "analyze.2"  # 2 epochs: the final weights.pkl / z.pkl are epoch 2
     z = pickle.load(open(run / "z.pkl", "rb"))
     assert z.shape == (192, 2)
     assert np.load(out / "z_pca.npy").shape == (192, 2)

@@ -6,6 +6,8 @@ import torch
 
 from distdrgn.checkpoint import (
     checkpoint_epochs,
+    epoch_file,
+    file_offset,
     load_latest,
     load_weights,
     load_z,
@@ -16,6 +18,7 @@ from distdrgn.checkpoint import (
     save_z,
     step_checkpoint_path,
     weights_path,
+    z_epochs,
 )
 from distdrgn.errors import DistdrgnError
 
@@ -38,16 +41,48 @@ def test_weights_round_trip_and_atomicity(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.3.pkl"]
 
 
+def new_run_dir(path):
+    from distdrgn.config import Config, dump_config
+
+    (path / "config.yaml").write_text(dump_config(Config()))
+    return path
+
+
 def test_checkpoint_discovery(tmp_path):
+    """Epochs are numbered from 1 (cryoDRGN 4.3.1): weights.1.pkl after the first epoch."""
+    run = new_run_dir(tmp_path)
     with pytest.raises(DistdrgnError, match="no weights.pkl"):
-        weights_path(tmp_path)
-    for n in (0, 2, 10):
-        save_weights(tmp_path / f"weights.{n}.pkl", {"epoch": n})
-    assert checkpoint_epochs(tmp_path) == [0, 2, 10]
-    assert weights_path(tmp_path).name == "weights.10.pkl"
-    save_weights(tmp_path / "weights.pkl", {"epoch": 10})
-    assert weights_path(tmp_path).name == "weights.pkl"
-    assert weights_path(tmp_path, 2).name == "weights.2.pkl"
+        weights_path(run)
+    for n in (1, 3, 10):
+        save_weights(run / f"weights.{n}.pkl", {"epoch": n})
+    assert checkpoint_epochs(run) == [1, 3, 10]
+    assert weights_path(run).name == "weights.10.pkl"
+    save_weights(run / "weights.pkl", {"epoch": 10})
+    assert weights_path(run).name == "weights.pkl"
+    assert weights_path(run, 3).name == "weights.3.pkl"
+    assert [key for key, _ in resume_points(run)] == [(11, 0), (4, 0), (2, 0)]
+
+
+def test_distdrgn_0_1_run_directories_are_read_with_their_epoch_numbers(tmp_path):
+    """0.1 wrote weights.0.pkl after the first epoch and a config.yaml without run_format."""
+    (tmp_path / "config.yaml").write_text("model:\n  zdim: 2\n")
+    payload = {"format": "distdrgn-weights", "version": 1, "epoch": 0, "model_state_dict": {}}
+    for n in (0, 1):
+        torch.save({**payload, "epoch": n}, tmp_path / f"weights.{n}.pkl")
+    save_z(tmp_path / "z.1.pkl", np.zeros((2, 2)), np.zeros((2, 2)))
+    assert file_offset(tmp_path) == 1 and checkpoint_epochs(tmp_path) == [1, 2] and z_epochs(tmp_path) == [2]
+    assert weights_path(tmp_path, 2).name == "weights.1.pkl" and epoch_file(tmp_path, "z", 2).name == "z.1.pkl"
+    assert load_weights(tmp_path / "weights.1.pkl")["epoch"] == 2
+    assert [key for key, _ in resume_points(tmp_path)] == [(3, 0), (2, 0)]
+
+
+def test_cryodrgn_run_directories_number_from_1():
+    from fixture_files import CRYODRGN_RUNS
+
+    if not CRYODRGN_RUNS.is_dir():
+        pytest.skip(f"cryoDRGN run fixtures not found at {CRYODRGN_RUNS}")
+    assert file_offset(CRYODRGN_RUNS / "vae") == 0
+    assert checkpoint_epochs(CRYODRGN_RUNS / "vae") == [1] and z_epochs(CRYODRGN_RUNS / "vae") == [1, 2]
 
 
 def test_foreign_and_corrupt_files(tmp_path):
@@ -73,33 +108,33 @@ def test_z_pkl_is_two_consecutive_pickles(tmp_path):
 
 
 def test_step_checkpoints_keep_the_newest_two_and_order_with_epochs(tmp_path):
-    save_weights(tmp_path / "weights.0.pkl", {"epoch": 0})
+    save_weights(tmp_path / "weights.1.pkl", {"epoch": 1})
     for consumed in (32, 64, 96):
-        save_step_checkpoint(tmp_path, 1, consumed, {"model_state_dict": {}, "position": {"sums": [0.0] * 4}})
+        save_step_checkpoint(tmp_path, 2, consumed, {"model_state_dict": {}, "position": {"sums": [0.0] * 4}})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step.1.64.pkl", "step.1.96.pkl"]
-    assert [key for key, _ in resume_points(tmp_path)] == [(1, 96), (1, 64), (1, 0)]
-    ck = load_weights(step_checkpoint_path(tmp_path, 1, 96))
-    assert ck["epoch"] == 1 and ck["position"] == {"epoch": 1, "consumed": 96, "sums": [0.0] * 4}
-    save_weights(tmp_path / "weights.1.pkl", {"epoch": 1})  # the epoch's end beats its steps
-    assert resume_points(tmp_path)[0][1].name == "weights.1.pkl"
+    assert names == ["step.2.64.pkl", "step.2.96.pkl"]
+    assert [key for key, _ in resume_points(tmp_path)] == [(2, 96), (2, 64), (2, 0)]
+    ck = load_weights(step_checkpoint_path(tmp_path, 2, 96))
+    assert ck["epoch"] == 2 and ck["position"] == {"epoch": 2, "consumed": 96, "sums": [0.0] * 4}
+    save_weights(tmp_path / "weights.2.pkl", {"epoch": 2})  # the epoch's end beats its steps
+    assert resume_points(tmp_path)[0][1].name == "weights.2.pkl"
 
 
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     assert load_latest(tmp_path) == (None, None)
-    save_weights(tmp_path / "weights.0.pkl", {"epoch": 0})
-    save_step_checkpoint(tmp_path, 1, 10, {"model_state_dict": {"w": torch.zeros(1000)}})
-    newest = save_step_checkpoint(tmp_path, 1, 20, {"model_state_dict": {"w": torch.ones(1000)}})
+    save_weights(tmp_path / "weights.1.pkl", {"epoch": 1})
+    save_step_checkpoint(tmp_path, 2, 10, {"model_state_dict": {"w": torch.zeros(1000)}})
+    newest = save_step_checkpoint(tmp_path, 2, 20, {"model_state_dict": {"w": torch.ones(1000)}})
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     warnings = []
     ck, path = load_latest(tmp_path, warn=warnings.append)
-    assert path.name == "step.1.10.pkl" and ck["position"]["consumed"] == 10
-    assert len(warnings) == 1 and "step.1.20.pkl: cannot read checkpoint" in warnings[0]
-    assert (tmp_path / "checkpoints" / "step.1.20.pkl.corrupt").exists() and not newest.exists()
-    # the damaged file no longer counts: the next step checkpoint does not delete step.1.10 for it
-    save_step_checkpoint(tmp_path, 1, 15, {})
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pkl")) == ["step.1.10.pkl", "step.1.15.pkl"]
+    assert path.name == "step.2.10.pkl" and ck["position"]["consumed"] == 10
+    assert len(warnings) == 1 and "step.2.20.pkl: cannot read checkpoint" in warnings[0]
+    assert (tmp_path / "checkpoints" / "step.2.20.pkl.corrupt").exists() and not newest.exists()
+    # the damaged file no longer counts: the next step checkpoint does not delete step.2.10 for it
+    save_step_checkpoint(tmp_path, 2, 15, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pkl")) == ["step.2.10.pkl", "step.2.15.pkl"]
 
 
 def test_stale_temporaries_are_removed(tmp_path):

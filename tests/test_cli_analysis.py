@@ -160,7 +160,7 @@ def test_selection_exports_exactly_those_particles(trained, tmp_path):
     for suffix in ("star", "cs"):
         out = tmp_path / f"subset.{suffix}"
         assert cli.main(["store", "export", str(store_path), "--ind", str(ind_file), "-o", str(out),
-                         "--no-progress"]) == 0
+                         "--new-stack", "--no-progress"]) == 0
         stack = open_mrc(tmp_path / "subset.mrcs")
         assert stack.n == len(ind)
         np.testing.assert_array_equal(stack.read(slice(None)), store.images(ind))

@@ -60,7 +60,7 @@ def test_verify_failure_is_one_line(dataset, tmp_path):
 def test_export_then_ingest_round_trip(dataset, tmp_path, suffix):
     tmp, paths, data, out = dataset
     target = tmp_path / f"exp{suffix}"
-    assert cli(["store", "export", str(out), "--no-progress", "-o", str(target)]) == 0
+    assert cli(["store", "export", str(out), "--new-stack", "--no-progress", "-o", str(target)]) == 0
     assert (tmp_path / "exp.mrcs").is_file()
     back = tmp_path / "back.zarr"
     assert cli(["ingest", str(target), "--no-progress", "-o", str(back)]) == 0
@@ -111,7 +111,7 @@ def test_cli_ingest_errors_are_one_line(dataset, tmp_path):
 def test_star_count_mismatch_with_stack(dataset, tmp_path):
     tmp, paths, data, out = dataset
     star = tmp_path / "x.star"
-    assert cli(["store", "export", str(out), "--no-progress", "-o", str(star)]) == 0
+    assert cli(["store", "export", str(out), "--new-stack", "--no-progress", "-o", str(star)]) == 0
     text = star.read_text().replace("000060@exp", "000061@exp").replace("000060@x", "000061@x")
     star.write_text(text)
     res = run("ingest", star, "-o", tmp_path / "a.zarr")

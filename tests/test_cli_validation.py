@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -127,3 +128,141 @@ def test_fsc_cli_resolutions_plot_and_text(homogeneous, tmp_path, capsys):
     small = tmp_path / "small.mrc"
     write_mrc(small, gt[:8, :8, :8], apix, is_volume=True)
     assert cli.main(["fsc", str(a), str(small)]) == 2
+
+
+# ---- one-line errors for bad values and unusable outputs (issue 16, item 3) ------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_metrics_port_out_of_range_is_a_config_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from distdrgn.config import load_config
+
+    for bad in ("99999", "0", "-1", "65536"):
+        with pytest.raises(DistdrgnError, match=r"metrics\.port must be null or in 1\.\.65535"):
+            load_config(None, [f"metrics.port={bad}"])
+    assert load_config(None, ["metrics.port=65535"]).metrics.port == 65535
+    assert load_config(None, ["metrics.port=null"]).metrics.port is None
+    default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert cli.main(["train", str(default), "data.store=none.zarr", "output.dir=none", "metrics.port=99999"]) == 2
+    assert "metrics.port must be null or in 1..65535, got 99999" in _one_error_line(capsys)
+
+
+def _bad_star(tmp_path: Path, column: str = "rlnDefocusU", value: str = "abc", row: int = 2) -> Path:
+    """A RELION 3.0 star of 4 particles of the stack s.mrcs whose ``column`` holds ``value`` in ``row``."""
+    cols = {"rlnImageName": [f"{i + 1:06d}@s.mrcs" for i in range(4)],
+            "rlnDefocusU": ["15000.0"] * 4, "rlnDefocusV": ["14000.0"] * 4, "rlnDefocusAngle": ["10.0"] * 4,
+            "rlnVoltage": ["300"] * 4, "rlnSphericalAberration": ["2.7"] * 4, "rlnAmplitudeContrast": ["0.1"] * 4,
+            "rlnAngleRot": ["10"] * 4, "rlnAngleTilt": ["20"] * 4, "rlnAnglePsi": ["30"] * 4,
+            "rlnOriginX": ["1.5"] * 4, "rlnOriginY": ["-2"] * 4, "rlnImagePixelSize": ["2.0"] * 4}
+    cols[column][row] = value
+    lines = ["data_", "", "loop_"] + [f"_{c} #{i + 1}" for i, c in enumerate(cols)]
+    lines += [" ".join(cols[c][i] for c in cols) for i in range(4)]
+    path = tmp_path / "bad.star"
+    path.write_text("\n".join(lines) + "\n")
+    write_mrc(tmp_path / "s.mrcs", np.zeros((4, 8, 8), np.float32), apix=2.0)
+    return path
+
+
+@pytest.mark.parametrize("command,column", [("parse-ctf", "rlnDefocusU"), ("parse-ctf", "rlnVoltage"),
+                                            ("parse-poses", "rlnAngleTilt"), ("parse-poses", "rlnOriginY")])
+def test_non_numeric_star_value_is_a_one_line_error(tmp_path, capsys, command, column):
+    star = _bad_star(tmp_path, column, "abc", row=2)
+    assert cli.main([command, str(star), "-D", "8", "-o", str(tmp_path / "out.pkl")]) == 2
+    err = _one_error_line(capsys)
+    assert str(star) in err and f"_{column}" in err and "row 2" in err and "'abc'" in err, err
+    assert not (tmp_path / "out.pkl").exists()
+
+
+def test_non_numeric_star_value_in_ingest_is_a_one_line_error(tmp_path, capsys):
+    star = _bad_star(tmp_path, "rlnDefocusV", "1.2.3", row=1)
+    assert cli.main(["ingest", str(star), "-o", str(tmp_path / "store.zarr"), "--no-progress"]) == 2
+    err = _one_error_line(capsys)
+    assert str(star) in err and "_rlnDefocusV" in err and "row 1" in err and "'1.2.3'" in err, err
+
+
+def _z_file(tmp_path: Path, n: int = 50) -> Path:
+    from distdrgn.checkpoint import save_z
+
+    z = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    save_z(tmp_path / "z.pkl", z, np.full_like(z, -2.0))
+    return tmp_path / "z.pkl"
+
+
+def test_select_output_that_is_a_directory_or_missing_dir_is_a_one_line_error(tmp_path, capsys):
+    z = _z_file(tmp_path)
+    (tmp_path / "adir").mkdir()
+    assert cli.main(["select", str(z), "--z-norm-above", "0", "-o", str(tmp_path / "adir")]) == 2
+    assert str(tmp_path / "adir") in _one_error_line(capsys)
+    assert cli.main(["select", str(z), "--z-norm-above", "0", "-o", str(tmp_path / "no" / "ind.pkl")]) == 2
+    assert "does not exist" in _one_error_line(capsys)
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["select", str(z), "--z-norm-above", "0", "-o", str(tmp_path / "afile" / "ind.pkl")]) == 2
+    assert str(tmp_path / "afile") in _one_error_line(capsys)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only directories, so there is no permission error to report")
+def test_select_into_read_only_directory_is_a_one_line_error(tmp_path, capsys):
+    z = _z_file(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert cli.main(["select", str(z), "--z-norm-above", "0", "-o", str(ro / "ind.pkl")]) == 2
+        err = _one_error_line(capsys)
+        assert str(ro) in err and "not writable" in err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_select_write_failure_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """An OSError while writing (e.g. a full disk, or permissions root ignores in the check) names the path."""
+    import distdrgn.formats.ind as ind
+
+    def fail(path, _ind):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ind, "save_indices", fail)
+    z = _z_file(tmp_path)
+    assert cli.main(["select", str(z), "--z-norm-above", "0", "-o", str(tmp_path / "ind.pkl")]) == 2
+    err = _one_error_line(capsys)
+    assert str(tmp_path / "ind.pkl") in err and "Permission denied" in err
+
+
+def _latent_run(tmp_path: Path) -> Path:
+    from test_analyze import make_run
+
+    return make_run(tmp_path / "run", zdim=2, n=60, epochs=1)
+
+
+def test_analyze_output_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    run = _latent_run(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["analyze", str(run), "--no-volumes", "--no-umap", "-o", str(afile)]) == 2
+    err = _one_error_line(capsys)
+    assert str(afile) in err and "file" in err
+    assert cli.main(["analyze", str(run), "--no-volumes", "--no-umap", "-o", str(afile / "sub")]) == 2
+    assert str(afile / "sub") in _one_error_line(capsys)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only directories, so there is no permission error to report")
+def test_analyze_into_read_only_directory_is_a_one_line_error(tmp_path, capsys):
+    run = _latent_run(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert cli.main(["analyze", str(run), "--no-volumes", "--no-umap", "-o", str(ro)]) == 2
+        assert str(ro) in _one_error_line(capsys)
+        assert cli.main(["analyze", str(run), "--no-volumes", "--no-umap", "-o", str(ro / "sub")]) == 2
+        assert str(ro / "sub") in _one_error_line(capsys)
+    finally:
+        ro.chmod(0o755)

@@ -1,4 +1,4 @@
-"""CTF against a direct evaluation of the formula in CONVENTIONS.md."""
+"""CTF against a direct evaluation of the formula in docs/conventions.md."""
 
 import math
 

@@ -121,3 +121,13 @@ def test_error_empty_particle_table(tmp_path):
     path.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n")
     with pytest.raises(FormatError, match="empty"):
         read_star(path)
+
+
+def test_numeric_columns_names_file_column_row_and_value():
+    from distdrgn.formats.star import numeric_columns
+
+    table = pd.DataFrame({"rlnAngleRot": ["1.5", "2", "nan"], "rlnAngleTilt": ["3", "x4", "5"]})
+    np.testing.assert_array_equal(numeric_columns(table, "rlnAngleRot", "f.star"), [1.5, 2.0, np.nan])
+    with pytest.raises(FormatError, match=r"^f\.star: column _rlnAngleTilt must be numeric, but row 1 is 'x4'$"):
+        numeric_columns(table, ["rlnAngleRot", "rlnAngleTilt"], "f.star")
+    assert numeric_columns(table.iloc[:1], ["rlnAngleRot", "rlnAngleTilt"], "f.star").shape == (1, 2)

@@ -1,6 +1,7 @@
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mrcfile
@@ -86,23 +87,35 @@ def test_failure_keeps_partial_and_resume_reuses_finished_shards(tmp_path, monke
     paths, data = make_dataset(tmp_path, n=200)
     out = tmp_path / "s.zarr"
     real = writer._write_shard
-    calls = []
+    calls, failed = [], []
+    lock, first_done = threading.Lock(), threading.Event()
 
     def failing(job, shard):
-        if shard == 4:
+        # Whatever order the scheduler runs shards in: the first shard called finishes, the
+        # second waits for it and then fails. So one shard is always done and one never is.
+        with lock:
+            calls.append(shard)
+            nth = len(calls)
+        if nth == 1:
+            try:
+                return real(job, shard)
+            finally:
+                first_done.set()
+        if nth == 2:
+            assert first_done.wait(120), "the first shard did not finish"
+            failed.append(shard)
             raise OSError("disk went away")
-        calls.append(shard)
         return real(job, shard)
 
     monkeypatch.setattr(writer, "_write_shard", failing)
     with pytest.raises(OSError):
-        _ingest(paths, out, workers=1)
+        _ingest(paths, out, workers=2)
     partial = tmp_path / "s.zarr.partial"
     assert partial.is_dir() and not out.exists()
     with pytest.raises(StoreError, match="incomplete"):
         ParticleStore.open(partial)
     finished = sorted(int(p.stem.split("_")[1]) for p in (partial / L.PROGRESS_DIR).glob("shard_*.json"))
-    assert finished and 4 not in finished
+    assert calls[0] in finished and failed and failed[0] not in finished
 
     # a different command line on the same partial is refused unless --force
     with pytest.raises(StoreError, match="different inputs or options"):
@@ -111,7 +124,7 @@ def test_failure_keeps_partial_and_resume_reuses_finished_shards(tmp_path, monke
     calls.clear()
     monkeypatch.setattr(writer, "_write_shard", lambda job, shard: (calls.append(shard), real(job, shard))[1])
     _ingest(paths, out)
-    assert set(calls).isdisjoint(finished) and 4 in calls
+    assert set(calls).isdisjoint(finished) and failed[0] in calls
     s = ParticleStore.open(out)
     assert np.array_equal(s.images(np.arange(200)), data["images"])
     assert not partial.exists()
@@ -145,9 +158,64 @@ def test_output_exists_refused_unless_force(tmp_path):
     foreign = tmp_path / "mydata"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("x")
-    with pytest.raises(StoreError, match="not a Zarr store"):
+    with pytest.raises(StoreError, match="not a distdrgn particle store"):
         _ingest(paths, foreign, force=True)
     assert (foreign / "thesis.tex").exists()
+
+
+def test_force_never_deletes_an_input_or_a_non_store(tmp_path, capsys):
+    import zarr
+
+    from distdrgn.cli import main
+
+    paths, data = make_dataset(tmp_path, n=40)
+    stack = paths["stack"]
+    original = stack.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = tmp_path / "other.zarr"  # a foreign Zarr group, not a distdrgn store
+    zarr.open_group(other, mode="w", zarr_format=3).attrs["format"] = "someone-else"
+    for target, why in [(stack, "is (or holds) the input"), (notes, "not a distdrgn particle store"),
+                        (empty, "not a distdrgn particle store"), (other, "not a distdrgn particle store")]:
+        assert main(["ingest", str(stack), "-o", str(target), "--force", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and err.count("\n") == 1, err
+        assert not target.with_name(target.name + L.PARTIAL_SUFFIX).exists()
+    assert stack.read_bytes() == original and notes.read_text() == "keep me" and empty.is_dir()
+    assert (other / "zarr.json").is_file()
+
+    # a real store that holds an input of this ingest (here: the poses) is not replaced either
+    store = _ingest(paths, tmp_path / "s.zarr")
+    inside = store / "poses.pkl"
+    inside.write_bytes(paths["poses"].read_bytes())
+    with pytest.raises(StoreError, match="is \\(or holds\\) the input"):
+        ingest(stack, store, poses=inside, ctf=paths["ctf"], force=True, progress=False)
+    assert inside.is_file() and ParticleStore.open(store).n == 40
+
+    # a symbolic link to a store is not a store
+    link = tmp_path / "link.zarr"
+    link.symlink_to(store)
+    with pytest.raises(StoreError, match="not a distdrgn particle store"):
+        _ingest(paths, link, force=True)
+    assert link.is_symlink() and ParticleStore.open(store).n == 40
+
+
+def test_force_discards_only_a_partial_store(tmp_path):
+    paths, data = make_dataset(tmp_path, n=40)
+    out = tmp_path / "s.zarr"
+    partial = tmp_path / "s.zarr.partial"
+    partial.write_text("not a store")
+    with pytest.raises(StoreError, match="not a distdrgn particle store"):
+        _ingest(paths, out, force=True)
+    assert partial.read_text() == "not a store" and not out.exists()
+    partial.unlink()
+    partial.mkdir()
+    (partial / "data.bin").write_bytes(b"x")
+    with pytest.raises(StoreError, match="not a distdrgn particle store"):
+        _ingest(paths, out, force=True)
+    assert (partial / "data.bin").read_bytes() == b"x"
 
 
 def test_non_finite_pixels_rejected_and_nothing_left(tmp_path):

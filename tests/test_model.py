@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,16 +127,56 @@ def test_forward_shapes_and_reparameterisation():
     assert not torch.allclose(pred_s, pred)
 
 
-def test_layer_structure_matches_the_performance_model():
-    """Decoder: in -> H, (L-1) x H -> H, H -> 2; MACs/point = (in)*H + (L-1) H^2 + 2H."""
+def test_layer_structure_is_cryodrgns():
+    """Decoder: in -> H, L x H -> H (residual), H -> 2, as cryoDRGN's --dec-layers L builds it."""
     H, L = 24, 3
     model = tiny()
     mlp = model.decoder.mlp
     assert mlp.inp.in_features == 3 * D + 3 and mlp.inp.out_features == H
-    assert len(mlp.hidden) == L - 1 and mlp.out.out_features == 2
+    assert len(mlp.hidden) == L and mlp.out.out_features == 2
+    assert len(model.encoder.mlp.hidden) == 2
     assert tiny(domain="hartley").decoder.mlp.out.out_features == 1
     assert model.encoder.mlp.inp.in_features == model.lattice.n_masked
     assert model.encoder.mlp.out.out_features == 6
+
+
+def cryodrgn_parameter_count(n_enc_in: int, pe_in: int, zdim: int, H: int, L: int) -> int:
+    """cryoDRGN 4.3.1's train_vae network: encoder main = Linear(n_enc_in, H), L ResidLinear(H, H),
+    Linear(H, 2 zdim); decoder main = Linear(pe_in + zdim, H), L ResidLinear(H, H), Linear(H, 2)."""
+    hidden = L * (H * H + H)
+    encoder = n_enc_in * H + H + hidden + H * 2 * zdim + 2 * zdim
+    decoder = (pe_in + zdim) * H + H + hidden + H * 2 + 2
+    return encoder + decoder
+
+
+@pytest.mark.parametrize("box, zdim", [(64, 8), (128, 8), (32, 4)])
+def test_default_network_has_cryodrgns_parameter_count(box, zdim):
+    """configs' defaults (1024 x 3) = cryoDRGN's defaults; the encoder sees the circular enc_mask (D//2)."""
+    model = build_model(ModelConfig(zdim=zdim), box, seed=0)
+    n_enc_in = model.lattice.n_masked  # cryoDRGN: enc_mask = D // 2 disk of the (D+1)^2 lattice
+    expected = cryodrgn_parameter_count(n_enc_in, 6 * (box // 2), zdim, 1024, 3)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cryodrgn_runs").is_dir(),
+                    reason="cryoDRGN run fixtures not found")
+def test_layer_shapes_equal_a_real_cryodrgn_run():
+    """../shared/fixtures/cryodrgn_runs/vae: --enc-layers 2 --dec-layers 2, 32 wide, zdim 2, box 64."""
+    from fixture_files import CRYODRGN_RUNS
+
+    ckpt = torch.load(CRYODRGN_RUNS / "vae" / "weights.pkl", map_location="cpu", weights_only=False)
+    theirs = sorted(tuple(v.shape) for k, v in ckpt["model_state_dict"].items() if k != "decoder.rand_freqs")
+    model = build_model(ModelConfig(zdim=2, enc_dim=32, enc_layers=2, dec_dim=32, dec_layers=2), 64, seed=0)
+    ours = sorted(tuple(p.shape) for p in model.parameters())
+    assert ours == theirs
+
+
+def test_runs_of_distdrgn_0_1_keep_their_layer_count():
+    """A checkpoint without layer_convention was written when L counted the input layer."""
+    info = ModelInfo.from_config(ModelConfig(zdim=2, enc_dim=8, enc_layers=3, dec_dim=8, dec_layers=3), 16, 0)
+    old = ModelInfo(**{k: v for k, v in info.__dict__.items() if k != "layer_convention"})
+    assert old.layer_convention == "distdrgn-0.1"
+    assert len(CryoDRGN(old).decoder.mlp.hidden) == 2 and len(CryoDRGN(info).decoder.mlp.hidden) == 3
 
 
 def test_homogeneous_model_has_no_encoder():

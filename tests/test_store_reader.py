@@ -80,3 +80,56 @@ def test_concurrent_readers_in_processes(store):
     sums = [float(p.communicate(timeout=60)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sums == pytest.approx([float(data["images"].sum())] * 3, rel=1e-4)
+
+
+def _small_store(tmp_path, images=None, **kw):
+    import mrcfile
+
+    paths, data = make_dataset(tmp_path, n=100)
+    if images is not None:
+        with mrcfile.new(paths["stack"], overwrite=True) as m:
+            m.set_data(images)
+        data["images"] = images
+    out = ingest(paths["stack"], tmp_path / "s.zarr", progress=False, workers=1, layout_overrides=SMALL_LAYOUT, **kw)
+    return out, data
+
+
+def test_missing_chunk_file_raises_naming_chunk_and_particles(tmp_path):
+    out, data = _small_store(tmp_path, extra_levels=(16,))
+    s = ParticleStore.open(out)
+    assert s.file_images == 16 and s.chunk_images == 16  # one chunk per shard file in this layout
+    assert s.chunk_file(4) == out / "images" / "c" / "4" / "0" / "0"
+    s.chunk_file(4).unlink()
+    message = r"chunk file images/c/4/0/0 is missing \(chunk 4, particles 64-79, at box 32\)"
+    s = ParticleStore.open(out)
+    with pytest.raises(StoreError, match=message):
+        s.images(np.arange(100))
+    with pytest.raises(StoreError, match=message):
+        s.images([3, 70])
+    with pytest.raises(StoreError, match=message):
+        s.raw_chunk(4)
+    with pytest.raises(StoreError, match=message):
+        s.read_chunk(4)
+    keep = np.r_[0:64, 80:100]
+    assert np.array_equal(s.images(keep), data["images"][keep])  # the other files still read
+    s16 = ParticleStore.open(out, level=16)
+    assert s16.images(np.arange(100)).shape == (100, 16, 16)
+    s16.chunk_file(0).unlink()
+    with pytest.raises(StoreError, match=r"chunk file images_16/c/0/0/0 is missing .*particles 0-15, at box 16"):
+        ParticleStore.open(out, level=16).images([5])
+
+
+def test_unwritten_all_zero_chunk_is_not_missing_and_checked_once(tmp_path, monkeypatch):
+    images = np.random.default_rng(1).normal(size=(100, 32, 32)).astype(np.float32)
+    images[32:64] = 0  # zarr does not write chunks of fill values
+    out, _ = _small_store(tmp_path, images=images)
+    s = ParticleStore.open(out)
+    assert not s.chunk_file(2).exists()
+    calls = []
+    real = ParticleStore.chunk_file
+    monkeypatch.setattr(ParticleStore, "chunk_file", lambda self, f: (calls.append(f), real(self, f))[1])
+    for _ in range(3):
+        assert np.array_equal(s.images(np.arange(100)), images)
+        for c in range(s.n_chunks):
+            s.raw_chunk(c)
+    assert sorted(calls) == list(range(-(-100 // s.file_images)))  # each file checked once

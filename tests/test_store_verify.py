@@ -1,7 +1,7 @@
 import pytest
 
 from distdrgn.errors import StoreError
-from distdrgn.store import ingest
+from distdrgn.store import ParticleStore, ingest
 from distdrgn.store.verify import info, verify
 from store_helpers import SMALL_LAYOUT, make_dataset
 
@@ -45,7 +45,25 @@ def test_verify_detects_metadata_change(tmp_path):
 
 def test_verify_detects_missing_shard(tmp_path):
     out = _store(tmp_path)
-    (out / "images" / "c" / "2" / "0" / "0").unlink()  # reads back as zeros (the fill value)
+    (out / "images" / "c" / "2" / "0" / "0").unlink()  # zarr would read it back as zeros (the fill value)
     layout = info(out)["layout"]["32"]
-    with pytest.raises(StoreError, match=f"checksum mismatch in chunk {2 * layout['shard_images'] // layout['chunk_images']} "):
+    first = 2 * layout["shard_images"] // layout["chunk_images"]
+    with pytest.raises(StoreError, match=f"chunk file images/c/2/0/0 is missing \\(chunk {first}, ") as exc:
         verify(out)
+    assert "checksum mismatch" not in str(exc.value)
+    record = ParticleStore.open(out).verification
+    assert not record["ok"] and record["chunk"] == first and "is missing" in record["error"]
+
+
+def test_verify_accepts_unwritten_all_zero_chunk(tmp_path):
+    import mrcfile
+    import numpy as np
+
+    paths, data = make_dataset(tmp_path, n=100)
+    images = data["images"]
+    images[32:64] = 0  # zarr leaves chunks of fill values unwritten
+    with mrcfile.new(paths["stack"], overwrite=True) as m:
+        m.set_data(images)
+    out = ingest(paths["stack"], tmp_path / "s.zarr", progress=False, workers=1, layout_overrides=SMALL_LAYOUT)
+    assert not (out / "images" / "c" / "2" / "0" / "0").exists()
+    assert verify(out)["ok"]

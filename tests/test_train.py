@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from distdrgn.checkpoint import load_weights, load_z
 from distdrgn.config import load_config
@@ -43,21 +44,22 @@ def trained_run(small_dataset, tiny_overrides, tmp_path_factory):
 def test_end_to_end_outputs(trained_run, small_dataset):
     run = trained_run
     for name in ("config.yaml", "run.log", "loss.csv", "loss.png", "weights.pkl", "z.pkl",
-                 "weights.1.pkl", "weights.3.pkl", "weights.5.pkl", "z.1.pkl", "z.3.pkl", "z.5.pkl"):
-        assert (run / name).is_file(), name
-    assert not (run / "weights.0.pkl").exists() and not (run / "weights.2.pkl").exists()
+                 "weights.2.pkl", "weights.4.pkl", "weights.6.pkl", "z.2.pkl", "z.4.pkl", "z.6.pkl"):
+        assert (run / name).is_file(), name  # numbered from 1, as cryoDRGN 4.3.1 numbers epochs
+    assert not (run / "weights.0.pkl").exists() and not (run / "weights.1.pkl").exists()
     rows = read_loss(run)
-    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     assert float(rows[-1]["mse"]) < float(rows[0]["mse"])  # it learns
     assert all(int(r["images"]) == 192 for r in rows)
     z_mu, z_logvar = load_z(run / "z.pkl")
     assert z_mu.shape == (192, 2) and z_logvar.shape == (192, 2) and np.isfinite(z_mu).all()
     ck = load_weights(run / "weights.pkl")
-    assert ck["epoch"] == 5 and ck["optimizer_state_dict"]["state"]
+    assert ck["epoch"] == 6 and ck["optimizer_state_dict"]["state"]
     assert ck["preprocess"]["ht_std"] > 0 and ck["model_info"]["D"] == 16 and ck["store"]["apix"] > 0
     assert load_config(run / "config.yaml").train.epochs == 6
     log = (run / "run.log").read_text()
-    assert "epoch 5/5" in log and "img/s" in log
+    assert "epoch 6/6" in log and "img/s" in log
+    assert yaml.safe_load((run / "config.yaml").read_text())["run_format"] == 2
     # z follows the store order: re-encoding the store gives the same latents
     from distdrgn.encode import encode_store
     from distdrgn.store import ParticleStore
@@ -73,15 +75,15 @@ def test_resume_is_identical_to_an_uninterrupted_run(small_dataset, tiny_overrid
     resumed = tmp_path / "resumed"
     run_train(tiny_overrides(small_dataset["store"], straight, **{"train.epochs": 2}))
     run_train(tiny_overrides(small_dataset["store"], resumed, **{"train.epochs": 1}))
-    assert (resumed / "weights.0.pkl").exists()
-    run_train(tiny_overrides(small_dataset["store"], resumed, **{"train.epochs": 2}))  # picks up weights.0.pkl
+    assert (resumed / "weights.1.pkl").exists()
+    run_train(tiny_overrides(small_dataset["store"], resumed, **{"train.epochs": 2}))  # picks up weights.1.pkl
     a, b = load_weights(straight / "weights.pkl"), load_weights(resumed / "weights.pkl")
-    assert b["epoch"] == 1
+    assert b["epoch"] == 2
     for k in a["model_state_dict"]:
         assert torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]), k
     np.testing.assert_array_equal(load_z(straight / "z.pkl")[0], load_z(resumed / "z.pkl")[0])
-    assert [r["epoch"] for r in read_loss(resumed)] == ["0", "1"]
-    assert "resumed from weights.0.pkl" in (resumed / "run.log").read_text()
+    assert [r["epoch"] for r in read_loss(resumed)] == ["1", "2"]
+    assert "resumed from weights.1.pkl" in (resumed / "run.log").read_text()
 
 
 def test_homogeneous_hartley_run_and_beta_schedule(small_dataset, tiny_overrides, tmp_path):
@@ -159,23 +161,23 @@ def test_two_process_torchrun_gloo(small_dataset, tiny_overrides, tmp_path):
 
 
 def test_mid_epoch_resume_from_a_step_checkpoint_is_identical(small_dataset, tiny_overrides, tmp_path):
-    """A run resumed from checkpoints/step.0.160.pkl ends bitwise where an uninterrupted one does."""
+    """A run resumed from checkpoints/step.1.160.pkl ends bitwise where an uninterrupted one does."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(tiny_overrides(small_dataset["store"], straight))
     steps = {"train.checkpoint_every_steps": 5}
     run_train(tiny_overrides(small_dataset["store"], resumed, **steps, **{"train.epochs": 1}))
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step.0.160.pkl", "step.0.80.pkl"]
-    for name in ("weights.0.pkl", "weights.pkl", "z.0.pkl", "z.pkl"):  # back to the middle of epoch 0
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step.1.160.pkl", "step.1.80.pkl"]
+    for name in ("weights.1.pkl", "weights.pkl", "z.1.pkl", "z.pkl"):  # back to the middle of epoch 1
         (resumed / name).unlink()
     run_train(tiny_overrides(small_dataset["store"], resumed, **steps))
-    assert "resumed from checkpoints/step.0.160.pkl: continuing at epoch 0, image 160 of 192" in \
+    assert "resumed from checkpoints/step.1.160.pkl: continuing at epoch 1, image 160 of 192" in \
         (resumed / "run.log").read_text()
     a, b = load_weights(straight / "weights.pkl"), load_weights(resumed / "weights.pkl")
     for k in a["model_state_dict"]:
         assert torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]), k
     np.testing.assert_array_equal(load_z(straight / "z.pkl")[0], load_z(resumed / "z.pkl")[0])
     rows_a, rows_b = read_loss(straight), read_loss(resumed)
-    assert [r["epoch"] for r in rows_b] == ["0", "1"] and [r["images"] for r in rows_b] == ["192", "192"]
+    assert [r["epoch"] for r in rows_b] == ["1", "2"] and [r["images"] for r in rows_b] == ["192", "192"]
     assert [r["mse"] for r in rows_a] == [r["mse"] for r in rows_b]  # the epoch's totals were carried over
 
 
@@ -243,3 +245,37 @@ def test_train_step_never_reads_a_device_value_on_the_host(monkeypatch):
     terms, nonfinite = train_step(engine, batch, prep, model.lattice, 0.5, 0.25, rt)
     assert float(nonfinite) == 1.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_load_starts_from_another_runs_weights(small_dataset, tiny_overrides, tmp_path):
+    """train.load (cryoDRGN --load): the parameters of another run, then training from epoch 1."""
+    first, loaded, fresh = tmp_path / "first", tmp_path / "loaded", tmp_path / "fresh"
+    run_train(tiny_overrides(small_dataset["store"], first, **{"train.epochs": 3}))
+    run_train(tiny_overrides(small_dataset["store"], loaded, **{"train.epochs": 1,
+                                                               "train.load": str(first / "weights.3.pkl")}))
+    run_train(tiny_overrides(small_dataset["store"], fresh, **{"train.epochs": 1}))
+    assert "started from the weights of" in (loaded / "run.log").read_text()
+    # one epoch from trained weights fits better than one epoch from scratch
+    assert float(read_loss(loaded)[0]["mse"]) < float(read_loss(fresh)[0]["mse"])
+    assert [r["epoch"] for r in read_loss(loaded)] == ["1"]
+    other = tiny_overrides(small_dataset["store"], tmp_path / "other", **{"train.epochs": 1, "model.dec_layers": 3,
+                                                                         "train.load": str(first / "weights.pkl")})
+    with pytest.raises(DistdrgnError, match="train.load=.*not the one configured"):
+        run_train(other)
+
+
+def test_training_ends_with_analyze_like_cryodrgn(small_dataset, tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    run_train(tiny_overrides(small_dataset["store"], run, **{"train.epochs": 1, "train.analyze": True}))
+    assert (run / "analyze.1" / "report.html").is_file()
+    assert "running analyze on the final epoch" in (run / "run.log").read_text()
+
+
+def test_a_distdrgn_0_1_run_directory_is_not_resumed(small_dataset, tiny_overrides, tmp_path):
+    """Its weights.0.pkl is epoch 1: reading is fine, continuing it would mix two numberings."""
+    run = tmp_path / "old"
+    run_train(tiny_overrides(small_dataset["store"], run, **{"train.epochs": 1}))
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text("\n".join(line for line in text.splitlines() if not line.startswith("run_format")))
+    with pytest.raises(DistdrgnError, match="distdrgn 0.1.*new output.dir"):
+        run_train(tiny_overrides(small_dataset["store"], run, **{"train.epochs": 2}))

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +31,11 @@ import yaml
 
 from distdrgn.analysis import latent, plots
 from distdrgn.analysis.report import Figure, Section, Table, write_report
+from distdrgn.checkpoint import epoch_file, z_epochs
 from distdrgn.errors import DistdrgnError
 
 log = logging.getLogger(__name__)
 
-_Z_RE = re.compile(r"^z\.(\d+)\.pkl$")
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,15 @@ def run_zdim(run_dir: Path) -> int:
         raise DistdrgnError(f"{path}: no such file (not a distdrgn training run directory?)")
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
+        if "model_args" in cfg:  # a cryoDRGN run directory
+            return int(cfg["model_args"].get("zdim") or 0)
         return int((cfg.get("model") or {}).get("zdim", 8))
     except (yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:
         raise DistdrgnError(f"{path}: cannot read model.zdim ({exc})") from None
 
 
-def z_epochs(run_dir: Path) -> list[int]:
-    """Sorted epoch indices N of the ``z.N.pkl`` files in ``run_dir``."""
-    return sorted(int(m.group(1)) for m in (_Z_RE.match(p.name) for p in run_dir.iterdir()) if m)
-
-
 def resolve_epoch(run_dir: str | Path, epoch: int | None) -> RunEpoch:
-    """The latent file for ``epoch`` (0-based, as in ``z.N.pkl``), or the final one.
+    """The latent file for ``epoch`` (from 1, as in ``z.N.pkl``), or the final one.
 
     With ``epoch=None`` the final ``z.pkl`` is used (a copy of the last epoch's); when a
     run has no final file yet (still training) the highest ``z.N.pkl`` is used. A
@@ -93,7 +90,7 @@ def resolve_epoch(run_dir: str | Path, epoch: int | None) -> RunEpoch:
         if not saved:
             raise DistdrgnError(f"{run_dir}: no z.pkl or z.N.pkl (has training finished an epoch?)")
         epoch = saved[-1]
-    path = run_dir / f"z.{epoch}.pkl"
+    path = epoch_file(run_dir, "z", epoch)
     if not path.is_file():
         have = ", ".join(map(str, saved)) or "none"
         raise DistdrgnError(f"{path}: no such file (saved epochs: {have})")
@@ -146,6 +143,18 @@ def _z_rows(z: np.ndarray) -> list[str]:
     return [" ".join(f"{v:.3f}" for v in row) for row in np.atleast_2d(z)]
 
 
+def make_output_dir(out: Path) -> None:
+    """Create the output directory ``out``; DistdrgnError naming it if it is a file or not writable."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DistdrgnError(f"{out}: output directory exists as a file") from None
+    except OSError as exc:
+        raise DistdrgnError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DistdrgnError(f"{out}: output directory is not writable")
+
+
 def analyze(
     run_dir: str | Path,
     epoch: int | None = None,
@@ -163,7 +172,7 @@ def analyze(
 ) -> Path:
     """Analyse the latents of one epoch of ``run_dir``; returns the path of report.html.
 
-    epoch: 0-based index of a saved epoch (``z.N.pkl``), negative from the end, or None
+    epoch: a saved epoch (from 1, as in ``z.N.pkl``), negative from the end, or None
     for the final ``z.pkl``. ksample: number of k-means clusters (volumes at their on-data
     centres). n_pcs: number of PCs to traverse. volumes=False skips decoding (latent
     analysis only). vol_D: box of the evaluated volumes (None = the training box).
@@ -182,7 +191,7 @@ def analyze(
     writer = VolumeWriter(run_dir, which.epoch, device, D=vol_D) if volumes else None
     label = str(writer.epoch) if writer is not None and which.epoch is None else which.label
     out = Path(out) if out is not None else run_dir / f"analyze.{label}"
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
 
     z = latent.load_z(which.z_path)
     n, zdim = z.shape

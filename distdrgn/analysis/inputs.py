@@ -29,7 +29,7 @@ class LatentSource:
 def load_latent_source(source: str | Path, epoch: int | None = None) -> LatentSource:
     """Read latents from ``source``: a z.pkl (``epoch`` must be None) or a run directory.
 
-    For a run directory ``epoch`` selects ``z.EPOCH.pkl`` (0-based, negative from the end)
+    For a run directory ``epoch`` selects ``z.EPOCH.pkl`` (from 1, negative from the end)
     as in ``distdrgn analyze``; None is the final ``z.pkl``.
     """
     from distdrgn.analysis.analyze import resolve_epoch

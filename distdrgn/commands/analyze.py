@@ -6,14 +6,25 @@ import argparse
 import logging
 
 
+def epoch_argument(args) -> int | None:
+    """EPOCH given positionally (cryoDRGN's habit) or as --epoch; both only if they agree."""
+    from distdrgn.errors import DistdrgnError
+
+    if args.epoch_pos is not None and args.epoch is not None and args.epoch_pos != args.epoch:
+        raise DistdrgnError(f"epoch given twice: {args.epoch_pos} and --epoch {args.epoch}")
+    return args.epoch if args.epoch is not None else args.epoch_pos
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (config.yaml, weights*.pkl, z*.pkl)")
+    parser.add_argument("epoch_pos", metavar="EPOCH", nargs="?", type=int, default=None,
+                        help="as cryoDRGN's `analyze RUN EPOCH`: the same as --epoch EPOCH")
     parser.add_argument(
         "--epoch",
         type=int,
         default=None,
-        help="0-based epoch of z.N.pkl / weights.N.pkl to analyze; negative counts from the last "
-        "saved epoch (default: the final z.pkl / weights.pkl)",
+        help="epoch of z.N.pkl / weights.N.pkl to analyze, numbered from 1 as cryoDRGN numbers them; negative "
+        "counts from the last saved epoch (default: the final z.pkl / weights.pkl)",
     )
     parser.add_argument("--ksample", type=int, default=20, help="number of k-means clusters / volumes (default 20)")
     parser.add_argument("--pc", type=int, default=2, dest="n_pcs", help="number of PCs to traverse (default 2)")
@@ -37,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     logging.getLogger("distdrgn").setLevel(logging.INFO)
     report = analyze(
         args.run_dir,
-        epoch=args.epoch,
+        epoch=epoch_argument(args),
         ksample=args.ksample,
         n_pcs=args.n_pcs,
         out=args.outdir,

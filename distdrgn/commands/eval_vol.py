@@ -1,4 +1,8 @@
-"""``distdrgn eval-vol RUN_DIR (-z Z... | --zfile FILE) -o DIR``: volumes from a trained model."""
+"""``distdrgn eval-vol RUN_DIR (-z Z... | --z-start Z... --z-end Z... [-n N] | --zfile FILE) -o DIR``.
+
+Volumes from a trained model: a distdrgn run directory, or a cryoDRGN 4.x one (its
+config.yaml + weights*.pkl; see :mod:`distdrgn.cryodrgn_run`).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,27 @@ from pathlib import Path
 
 
 def add_args(parser) -> None:
-    parser.add_argument("run_dir", help="training run directory (or a weights .pkl file)")
+    parser.add_argument("run_dir", help="training run directory, distdrgn or cryoDRGN 4.x (or a weights .pkl file)")
+    parser.add_argument("-c", "--config", default=None,
+                        help="cryoDRGN config.yaml (default: the one next to the weights, if it is a cryoDRGN run)")
     parser.add_argument("--epoch", type=int, default=None, help="use weights.EPOCH.pkl (default: weights.pkl, else the latest)")
     parser.add_argument("-z", type=float, nargs="+", default=None, metavar="Z",
                         help="latent value(s): zdim numbers per volume, several volumes as consecutive groups")
+    parser.add_argument("--z-start", type=float, nargs="+", default=None, metavar="Z",
+                        help="first latent of a straight path (with --z-end, -n); files numbered from 001 as cryoDRGN")
+    parser.add_argument("--z-end", type=float, nargs="+", default=None, metavar="Z", help="last latent of the path")
+    parser.add_argument("-n", type=int, default=10, help="number of volumes from --z-start to --z-end inclusive (default 10)")
     parser.add_argument("--zfile", default=None, help="text file of latents, one volume per row (zdim columns), or a z.pkl")
     parser.add_argument("--apix", type=float, default=None, help="voxel size in A (default: the store's pixel size)")
     parser.add_argument("-D", "--box", dest="D", type=int, default=None, help="volume box size (even; default: the training box)")
     parser.add_argument("--flip", action="store_true", help="mirror the volumes along z (invert the handedness)")
+    parser.add_argument("--invert", action="store_true", help="invert the contrast of the volumes")
+    parser.add_argument("--low-pass", type=float, default=None, metavar="A",
+                        help="low-pass filter to this resolution in Angstrom (uses --apix, default 1)")
+    parser.add_argument("--crop", type=int, default=None, metavar="BOX", help="crop the volumes to this (even) box, after filtering")
+    parser.add_argument("--prefix", default="vol_", help="file name prefix (default vol_)")
+    parser.add_argument("--vol-start-index", type=int, default=None,
+                        help="number of the first file (default 1 with --z-start, as cryoDRGN; else 0)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("-o", "--outdir", required=True, help="output directory for vol_000.mrc, ...")
 
@@ -25,13 +42,22 @@ def read_latents(args, zdim: int):
     from distdrgn.errors import DistdrgnError
     from distdrgn.formats.ind import read_text_array
 
+    z_start = getattr(args, "z_start", None)
+    z_end = getattr(args, "z_end", None)
+    if (z_start is None) != (z_end is None):
+        raise DistdrgnError("give --z-start and --z-end together")
     if zdim == 0:
-        if args.z is not None or args.zfile is not None:
-            raise DistdrgnError("the model is homogeneous (zdim = 0): do not give -z or --zfile")
+        if args.z is not None or args.zfile is not None or z_start is not None:
+            raise DistdrgnError("the model is homogeneous (zdim = 0): do not give -z, --z-start or --zfile")
         return None
-    if (args.z is None) == (args.zfile is None):
-        raise DistdrgnError(f"give the latents with exactly one of -z or --zfile (the model has zdim={zdim})")
-    if args.z is not None:
+    if sum(x is not None for x in (args.z, args.zfile, z_start)) != 1:
+        raise DistdrgnError(f"give the latents with exactly one of -z, --z-start/--z-end or --zfile (the model has zdim={zdim})")
+    if z_start is not None:
+        from distdrgn.cryodrgn_run import trajectory
+
+        z = trajectory(z_start, z_end, args.n)
+        source = "--z-start"
+    elif args.z is not None:
         z = np.asarray(args.z, dtype=np.float32)
         source = "-z"
     else:
@@ -48,11 +74,15 @@ def main(args) -> int:
 
     from distdrgn.volumes import eval_volumes, load_model
 
-    trained = load_model(args.run_dir, epoch=args.epoch)
+    trained = load_model(args.run_dir, epoch=args.epoch, config=getattr(args, "config", None))
     zs = read_latents(args, trained.zdim)
     n = 1 if zs is None else len(zs)
+    start = args.vol_start_index
+    if start is None:
+        start = 1 if args.z_start is not None else 0
     with tqdm(total=n, desc="volumes", unit="vol") as bar:
         paths = eval_volumes(trained, zs, args.outdir, D=args.D, apix=args.apix, flip=args.flip,
-                             device=args.device, progress=bar)
+                             device=args.device, progress=bar, prefix=args.prefix, start_index=start,
+                             invert=args.invert, low_pass=args.low_pass, crop=args.crop)
     print(f"wrote {len(paths)} volume(s) to {args.outdir} (weights epoch {trained.epoch})")
     return 0

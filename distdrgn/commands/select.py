@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -33,8 +34,14 @@ def main(args: argparse.Namespace) -> int:
     from distdrgn.formats.ind import save_indices
 
     out = Path(args.out)
+    if out.is_dir():
+        raise DistdrgnError(f"{out}: is a directory; -o takes the name of the IND.pkl file to write")
     if out.exists() and not args.force:
         raise DistdrgnError(f"{out}: already exists; use --force to overwrite")
+    if not out.parent.is_dir():
+        raise DistdrgnError(f"{out}: output directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise DistdrgnError(f"{out}: output directory {out.parent} is not writable")
     if (args.kmeans_labels is None) != (args.kmeans_select is None):
         raise DistdrgnError("--kmeans-labels and --kmeans-select go together")
     src = load_latent_source(args.latents, args.epoch)
@@ -69,7 +76,10 @@ def main(args: argparse.Namespace) -> int:
     ind = S.selection_indices(masks, n, invert=args.invert)
     if ind.size == 0:
         raise DistdrgnError(f"the criteria select no particle ({'not ' if args.invert else ''}{'; '.join(criteria)})")
-    save_indices(out, ind)
+    try:
+        save_indices(out, ind)
+    except OSError as exc:
+        raise DistdrgnError(f"{out}: cannot write the selection ({exc.strerror or exc})") from None
     print(f"selected {ind.size} of {n} particles ({100 * ind.size / n:.1f}%): "
           f"{'not ' if args.invert else ''}{'; '.join(criteria)}")
     print(f"wrote {out}")

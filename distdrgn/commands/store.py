@@ -19,9 +19,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="do not write the result into the store's attributes (training refuses a store whose "
                         "recorded verification failed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("export", help="write a store's images (and poses/CTF) as .mrcs, .star or .cs")
+    p = sub.add_parser("export", help="write a store's particles as .mrcs, or their original .star/.cs rows")
     p.add_argument("store")
-    p.add_argument("-o", "--out", required=True, help="OUT.mrcs, OUT.star (+ OUT.mrcs) or OUT.cs (+ OUT.mrcs)")
+    p.add_argument("-o", "--out", required=True,
+                   help="OUT.mrcs (images), OUT.star or OUT.cs (the particles' original rows from the source "
+                        ".star/.cs, every column, pointing at the original stacks)")
+    p.add_argument("--new-stack", action="store_true",
+                   help="with OUT.star/OUT.cs: write the images to OUT.mrcs and a star/cs describing them "
+                        "(poses/CTF only); needed for stores made from bare .mrcs/.txt")
     p.add_argument("--ind", help="pickle of store positions to export (in that order)")
     p.add_argument("--level", type=int, help="box size to export (default: the full size)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -47,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         from distdrgn.store.export import export
 
         written = export(args.store, args.out, ind=args.ind, level=args.level, force=args.force,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, new_stack=args.new_stack)
         for path in written:
             print(f"wrote {path}")
     return 0

@@ -18,7 +18,7 @@ from distdrgn.errors import FormatError
 from distdrgn.formats.cs import read_cs, require_fields
 from distdrgn.formats.ind import read_pickle
 from distdrgn.formats.poses import box_size_column, pixel_size_column
-from distdrgn.formats.star import particles_with_optics, read_star
+from distdrgn.formats.star import numeric_columns, particles_with_optics, read_star
 
 N_CTF_COLUMNS = 9
 
@@ -27,7 +27,7 @@ def _column(table, name: str, override, path, purpose: str, default=None) -> np.
     if override is not None:
         return np.full(len(table), float(override))
     if name in table.columns:
-        return table[name].to_numpy(np.float64)
+        return numeric_columns(table, name, path)
     if default is not None:
         return np.full(len(table), float(default))
     raise FormatError(f"{path}: no _{name} column, needed for {purpose}; pass it as an option")

@@ -1,7 +1,7 @@
 """Particle poses: RELION Euler angles, cryoSPARC axis-angle vectors, cryoDRGN ``poses.pkl``.
 
 ``rots[i]`` (3 x 3) maps lattice row vectors to volume coordinates: the slice of image i
-samples the volume at ``[x, y, 0] @ rots[i]`` (CONVENTIONS.md). ``trans[i]`` (x, y) is the
+samples the volume at ``[x, y, 0] @ rots[i]`` (docs/conventions.md). ``trans[i]`` (x, y) is the
 particle's offset as a fraction of the box.
 
 RELION stores ZYZ Euler angles (rot, tilt, psi) of the matrix
@@ -22,7 +22,7 @@ import numpy as np
 from distdrgn.errors import FormatError
 from distdrgn.formats.cs import read_cs, require_fields
 from distdrgn.formats.ind import read_pickle
-from distdrgn.formats.star import particles_with_optics, read_star
+from distdrgn.formats.star import numeric_columns, particles_with_optics, read_star
 
 # sin(tilt) below this is a gimbal lock: rot and psi turn about the same axis.
 _GIMBAL_EPS = 1e-7
@@ -129,9 +129,9 @@ def pixel_size_column(table, path, purpose: str) -> np.ndarray:
     """Per-particle pixel size (A) from a (merged) star table: ``rlnImagePixelSize``, else
     ``rlnDetectorPixelSize`` (um) * 1e4 / ``rlnMagnification`` (RELION 3.0), else FormatError."""
     if "rlnImagePixelSize" in table.columns:
-        return table["rlnImagePixelSize"].to_numpy(np.float64)
+        return numeric_columns(table, "rlnImagePixelSize", path)
     if "rlnDetectorPixelSize" in table.columns and "rlnMagnification" in table.columns:
-        return table["rlnDetectorPixelSize"].to_numpy(np.float64) * 1e4 / table["rlnMagnification"].to_numpy(np.float64)
+        return numeric_columns(table, "rlnDetectorPixelSize", path) * 1e4 / numeric_columns(table, "rlnMagnification", path)
     raise FormatError(
         f"{path}: no pixel size (_rlnImagePixelSize, or _rlnDetectorPixelSize and _rlnMagnification), "
         f"needed for {purpose}; pass --apix"
@@ -141,7 +141,7 @@ def pixel_size_column(table, path, purpose: str) -> np.ndarray:
 def box_size_column(table, path, purpose: str) -> np.ndarray:
     """Per-particle box size from ``rlnImageSize`` (RELION 3.1+ optics), else FormatError."""
     if "rlnImageSize" in table.columns:
-        return table["rlnImageSize"].to_numpy(np.float64)
+        return numeric_columns(table, "rlnImageSize", path)
     raise FormatError(f"{path}: no box size (_rlnImageSize), needed for {purpose}; pass -D")
 
 
@@ -154,14 +154,14 @@ def _require_columns(table, columns, path, purpose: str) -> None:
 def poses_from_star_table(table, path, D: int | None, apix: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(rots, trans) float64 from a star particle table merged with its optics (``particles_with_optics``)."""
     _require_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], path, "poses")
-    rots = euler_to_rot(table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64))
+    rots = euler_to_rot(numeric_columns(table, ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], path))
     box = np.full(len(table), float(D)) if D is not None else box_size_column(table, path, "translations")
     if "rlnOriginXAngst" in table.columns and "rlnOriginYAngst" in table.columns:
-        angst = table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
+        angst = numeric_columns(table, ["rlnOriginXAngst", "rlnOriginYAngst"], path)
         px = np.full(len(table), float(apix)) if apix is not None else pixel_size_column(table, path, "translations in Angstrom")
         trans_px = angst / px[:, None]
     elif "rlnOriginX" in table.columns and "rlnOriginY" in table.columns:
-        trans_px = table[["rlnOriginX", "rlnOriginY"]].to_numpy(np.float64)
+        trans_px = numeric_columns(table, ["rlnOriginX", "rlnOriginY"], path)
     else:
         # A star without origins (e.g. from a projection simulator) has centred particles.
         trans_px = np.zeros((len(table), 2))

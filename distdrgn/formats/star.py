@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import starfile  # reading only; see _loop_block
 
@@ -33,6 +34,7 @@ class StarData:
     particles: pd.DataFrame
     optics: pd.DataFrame | None
     version: str
+    block: str = "particles"  # name of the particle table's data block ("" for a bare data_)
 
 
 def _version_code(path: Path) -> int | None:
@@ -45,28 +47,44 @@ def _version_code(path: Path) -> int | None:
     return None
 
 
-def read_star(path: str | os.PathLike) -> StarData:
-    """Read the particle (and optics) tables of a RELION star file."""
+def _all_column_names(path: Path) -> list[str]:
+    """Every ``_label`` named in the file (loop headers and key-value pairs)."""
+    names = set()
+    with open(path, "r", errors="replace") as f:
+        for line in f:
+            if line.startswith("_"):
+                names.add(line.split()[0][1:])
+    return sorted(names)
+
+
+def read_star(path: str | os.PathLike, as_text: bool = False) -> StarData:
+    """Read the particle (and optics) tables of a RELION star file.
+
+    ``as_text``: every column as the text in the file (no numeric parsing; what
+    ``distdrgn ingest`` keeps so that ``store export`` writes the values back unchanged).
+    """
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     try:
-        blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_COLUMNS)
+        as_string = _all_column_names(path) if as_text else STRING_COLUMNS
+        blocks = starfile.read(path, always_dict=True, parse_as_string=as_string)
     except Exception as exc:  # starfile raises assorted parser errors on malformed text
         raise FormatError(f"{path}: cannot parse as a STAR file ({type(exc).__name__}: {exc})") from None
     tables = {name: block for name, block in blocks.items() if isinstance(block, pd.DataFrame)}
     optics = tables.get("optics")
+    block = "particles"
     if "particles" in tables:
         particles = tables["particles"]
     else:
-        candidates = [t for name, t in tables.items() if name != "optics" and "rlnImageName" in t.columns]
+        candidates = [(name, t) for name, t in tables.items() if name != "optics" and "rlnImageName" in t.columns]
         if not candidates:
-            candidates = [t for name, t in tables.items() if name != "optics"]
+            candidates = [(name, t) for name, t in tables.items() if name != "optics"]
         if len(candidates) != 1:
             raise FormatError(
                 f"{path}: found no single particle table (loop blocks: {', '.join(map(repr, tables)) or 'none'})"
             )
-        particles = candidates[0]
+        block, particles = candidates[0]
     if len(particles) == 0:
         raise FormatError(f"{path}: the particle table is empty")
     if optics is None:
@@ -74,7 +92,35 @@ def read_star(path: str | os.PathLike) -> StarData:
     else:
         code = _version_code(path)
         version = "5.0" if code is not None and code >= 50000 else "3.1"
-    return StarData(particles=particles.reset_index(drop=True), optics=optics, version=version)
+    return StarData(particles=particles.reset_index(drop=True), optics=optics, version=version, block=str(block))
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def numeric_columns(table: pd.DataFrame, columns, path: str | os.PathLike = "star file") -> np.ndarray:
+    """Columns of a (merged) star table as float64: (N,) for one name, (N, k) for a list.
+
+    A value that is not a number (``rlnDefocusU`` = ``abc``) raises FormatError naming the
+    file, the column, the first bad row (0-based, in the particle table) and its value.
+    """
+    names = [columns] if isinstance(columns, str) else list(columns)
+    out = np.empty((len(table), len(names)), dtype=np.float64)
+    for j, name in enumerate(names):
+        col = table[name]
+        try:
+            out[:, j] = col.to_numpy(np.float64)
+            continue
+        except (TypeError, ValueError):
+            pass
+        row, value = next(((i, v) for i, v in enumerate(col.tolist()) if not _is_number(v)), (0, col.iloc[0]))
+        raise FormatError(f"{path}: column _{name} must be numeric, but row {row} is {value!r}")
+    return out[:, 0] if isinstance(columns, str) else out
 
 
 def particles_with_optics(star: StarData, path: str | os.PathLike = "star file") -> pd.DataFrame:
@@ -109,25 +155,29 @@ def _strip_underscores(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns=lambda c: str(c).lstrip("_"))
 
 
-def _loop_block(name: str, df: pd.DataFrame, version_comment: bool) -> str:
+def _loop_block(name: str, df: pd.DataFrame, version_comment: bool, version: int = 30001) -> str:
     """One ``data_<name>`` loop table. Formatted by pandas' C writer: starfile's writer
     formats row by row and takes minutes for the millions of rows of a real dataset."""
     df = _strip_underscores(df)
-    head = ["# version 30001", ""] if version_comment else []
+    head = [f"# version {version}", ""] if version_comment else []
     head += [f"data_{name}", "", "loop_"] + [f"_{col} #{i + 1}" for i, col in enumerate(df.columns)]
     body = df.to_csv(sep=" ", header=False, index=False, float_format="%.12g", na_rep="nan", quoting=csv.QUOTE_MINIMAL,
                      quotechar='"', lineterminator="\n")
     return "\n".join(head) + "\n" + body + "\n"
 
 
-def write_star(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.DataFrame | None = None) -> None:
+def write_star(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.DataFrame | None = None, *,
+               version: int | None = None, particles_block: str = "particles") -> None:
     """Write a particle star file: RELION 3.1 layout (data_optics + data_particles, each
     marked ``# version 30001``) when ``optics`` is given, else a single data_particles table
     (RELION 3.0 layout). Column names may be given with or without the leading underscore.
     Floats are written with 12 significant digits: RELION's 6 decimals for ordinary values and float32 precision for small ones.
+    ``version``: the ``# version`` number (default 30001); ``particles_block``: the particle
+    table's block name (``data_particles`` by default).
     """
+    version = 30001 if version is None else int(version)
     text = "# written by distdrgn\n\n"
     if optics is not None:
-        text += _loop_block("optics", optics, version_comment=True) + "\n"
-    text += _loop_block("particles", particles, version_comment=optics is not None)
+        text += _loop_block("optics", optics, version_comment=True, version=version) + "\n"
+    text += _loop_block(particles_block, particles, version_comment=optics is not None, version=version)
     Path(path).write_text(text)

@@ -3,7 +3,7 @@
 The decoder evaluates a ``1024 x 3`` MLP at every half-lattice point of every image, so its
 cost is a few large matrix products plus a lot of memory traffic around them: the
 positional-encoding features, bias, residual and ReLU passes, the output layer and the
-loss. The kernels remove that traffic (CONVENTIONS.md, "Performance model"):
+loss. The kernels remove that traffic (docs/conventions.md, "Performance model"):
 
 - :mod:`.frontend`: rotate the lattice by the pose, canonicalise to the half-space, encode
   (sin/cos of the frequency matrix) and feed the first layer, without writing the encoded

@@ -80,7 +80,7 @@ def launch_options(kernel: str) -> dict:
 def canonical_points(lat_ptr, rot_ptr, b, rows, row_ok):
     """Lattice points ``rows`` of image ``b`` rotated by its pose and mapped to the half-space.
 
-    ``k_i = sum_j lat[n, j] R[b, j, i]`` (coords @ rots, CONVENTIONS.md), then ``k -> -k`` when
+    ``k_i = sum_j lat[n, j] R[b, j, i]`` (coords @ rots, docs/conventions.md), then ``k -> -k`` when
     k_z > 0, or k_z = 0 and k_y > 0, or k_z = k_y = 0 and k_x > 0 (model.canonicalize).
     Returns (kx, ky, kz, flip), each (BLOCK_M,).
     """

@@ -1,6 +1,8 @@
 """``distdrgn store export``: a store (or a subset of it) back to .mrcs, RELION .star or cryoSPARC .cs.
 
-Images are streamed through :class:`distdrgn.formats.mrc.MrcStackWriter` one chunk at a
+By default a .star/.cs target gets the particles' original rows from the source .star/.cs
+(kept in the store at ingest, see source_table.py): every column, the user's own stacks.
+With ``new_stack`` (below), images are streamed through :class:`distdrgn.formats.mrc.MrcStackWriter` one chunk at a
 time. For a .star/.cs target the stack is written beside it as ``OUT.mrcs`` and referenced by
 file name, so ``distdrgn ingest OUT.star`` (or ``OUT.cs``) reads it back: images are
 bit-identical for float32 stores; CTF values of a .star come back exactly (numbers are
@@ -126,19 +128,48 @@ def _cs_array(store: ParticleStore, positions: np.ndarray, stack_name: str) -> n
         arr["ctf/phase_shift_rad"] = np.deg2rad(ctf[:, 8])
     if store.poses is not None:
         rots, trans = store.poses
-        # cryoDRGN's rots are the transpose of cryoSPARC's rotation (CONVENTIONS.md)
+        # cryoDRGN's rots are the transpose of cryoSPARC's rotation (docs/conventions.md)
         arr["alignments3D/pose"] = rot_to_axis_angle(rots[positions].transpose(0, 2, 1))
         arr["alignments3D/shift"] = trans[positions].astype(np.float64) * store.D
         arr["alignments3D/psize_A"] = apix
     return arr
 
 
-def export(store_path, out, *, ind=None, level: int | None = None, force: bool = False, progress: bool = True) -> list[Path]:
-    """Write the store's images at ``level`` (positions ``ind``, default all) to ``out``.
+def _original_rows(store: ParticleStore, positions: np.ndarray, out: Path, suffix: str, level, store_path) -> None:
+    """Write the source .star/.cs rows of ``positions`` (every column, original image names)."""
+    from distdrgn.store.source_table import read_cs_rows, read_star_rows
 
-    ``out`` ending in .mrcs/.mrc: the stack only. .star: ``OUT.mrcs`` + a RELION 3.1 star
-    with poses/CTF. .cs: ``OUT.mrcs`` + a cryoSPARC .cs with blob/, ctf/, alignments3D/
-    fields. Returns the files written.
+    kind = store.attrs.get("kind")
+    if kind not in ("star", "cs"):
+        raise StoreError(f"{store_path}: the store was made from {'.' + kind if kind else 'image stacks'} files, not a .star/.cs, "
+                         f"so there are no original rows to write; use --new-stack to write {out.name} with a new stack")
+    if suffix != f".{kind}":
+        raise StoreError(f"{store_path}: the store was made from a .{kind}, so its original rows can only be written "
+                         f"as .{kind}; use --new-stack to write a {suffix} with a new stack")
+    if level is not None:
+        raise StoreError(f"{store_path}: --level picks the box of exported images, but the original rows point at the "
+                         f"source stacks (box {store.attrs.get('source_D')}); use --new-stack to export images at box {level}")
+    if kind == "star":
+        from distdrgn.formats.star import write_star
+
+        particles, optics, version, block = read_star_rows(store_path, positions)
+        write_star(out, particles, optics, version=version, particles_block=block)
+    else:
+        from distdrgn.formats.cs import write_cs
+
+        write_cs(out, read_cs_rows(store_path, positions))
+
+
+def export(store_path, out, *, ind=None, level: int | None = None, force: bool = False, progress: bool = True,
+           new_stack: bool = False) -> list[Path]:
+    """Write the store's particles (positions ``ind``, default all) to ``out``.
+
+    ``out`` ending in .mrcs/.mrc: the images at ``level``, as a stack. .star/.cs: the
+    particles' original rows of the source .star/.cs (every column, in the original order,
+    image names pointing at the original stacks; for a star the original optics table too).
+    ``new_stack``: instead write the images to ``OUT.mrcs`` and a .star (RELION 3.1, with
+    poses/CTF) or .cs (``blob/``, ``ctf/``, ``alignments3D/`` fields) describing them; the
+    only choice for stores made from bare stacks. Returns the files written.
     """
     from distdrgn.formats.cs import write_cs
     from distdrgn.formats.star import write_star
@@ -149,13 +180,17 @@ def export(store_path, out, *, ind=None, level: int | None = None, force: bool =
         raise FormatError(f"{out}: unknown output type {suffix or '(no extension)'!r}; expected .mrcs, .star or .cs")
     store = ParticleStore.open(store_path, level)
     positions = _load_positions(ind, store.n)
+    originals = suffix in (".star", ".cs") and not new_stack
     stack = out if suffix in (".mrcs", ".mrc") else out.with_suffix(".mrcs")
-    targets = [stack] if stack == out else [stack, out]
+    targets = [out] if originals else [stack] if stack == out else [stack, out]
     for t in targets:
         if t.exists() and not force:
             raise StoreError(f"{t}: already exists; use --force to overwrite")
     if not out.parent.is_dir():
         raise StoreError(f"{out.parent}: output directory does not exist")
+    if originals:
+        _original_rows(store, positions, out, suffix, level, store_path)
+        return targets
     _write_stack(store, positions, stack, progress)
     if suffix == ".star":
         particles, optics = _star_tables(store, positions, stack.name)

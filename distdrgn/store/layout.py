@@ -11,6 +11,7 @@ A store is one Zarr v3 group::
       poses/trans       (N, 2)    float32   (fraction of the box)
       ctf               (N, 9)    float32   (ctf.pkl layout, box/apix of the source images)
       original_index    (N,)      int64     (position in the source particle list)
+      source/...        the source .star/.cs rows of each particle, every column (source_table.py)
 
 and group attributes (format, version, complete, levels, provenance, norm, ...).
 
@@ -33,6 +34,8 @@ ROTS = "poses/rots"
 TRANS = "poses/trans"
 CTF = "ctf"
 ORIGINAL_INDEX = "original_index"
+SOURCE_GROUP = "source"  # the source .star/.cs metadata, lossless (distdrgn/store/source_table.py)
+SOURCE_ATTR = "source_metadata"  # root attribute summarising it: {"kind", "group", "rows", ...}
 
 PARTIAL_SUFFIX = ".partial"
 

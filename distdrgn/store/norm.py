@@ -3,7 +3,7 @@
 The store records, per level, the real-space mean/std of a seeded random subset of up to
 :data:`NORM_SAMPLE` images and the standard deviation of their symmetrised centred Hartley
 transforms, with (``ht_std``) and without (``ht_std_nowindow``) the default real-space
-window (CONVENTIONS.md). The training loader divides the symmetrised HT by ``ht_std`` and
+window (docs/conventions.md). The training loader divides the symmetrised HT by ``ht_std`` and
 takes the mean as 0, as cryoDRGN does; ``std`` here is the usual standard deviation about
 the sample mean (numpy's ``std``), which is what cryoDRGN records as the scale.
 

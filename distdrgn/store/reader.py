@@ -17,6 +17,7 @@ import zarr
 
 from distdrgn.errors import StoreError
 from distdrgn.store import layout as L
+from distdrgn.store.checksums import crc32c_array
 
 
 def read_store_attrs(path: Path) -> dict:
@@ -64,6 +65,9 @@ class ParticleStore:
             raise StoreError(f"{self.path}: images at box {self.D} have shape {self._images.shape}, expected {(self.n, self.D, self.D)}")
         self.chunk_images = int(self._images.chunks[0])
         self.n_chunks = -(-self.n // self.chunk_images)
+        # a missing chunk (shard) file reads back as the fill value: check each file once
+        self.file_images = int((self._images.shards or self._images.chunks)[0])
+        self._file_present = np.zeros(-(-self.n // self.file_images), dtype=bool)
 
     @classmethod
     def open(cls, path, level: int | None = None) -> "ParticleStore":
@@ -97,21 +101,60 @@ class ParticleStore:
         start = chunk_id * self.chunk_images
         return start, min(self.n, start + self.chunk_images)
 
+    def chunk_file(self, file_id: int) -> Path:
+        """Path of chunk file ``file_id`` (a shard of ``file_images`` images) of this level."""
+        key = self._images.metadata.encode_chunk_key((int(file_id), 0, 0))
+        return self.path / L.images_name(self.D, self.full_D) / key
+
+    def missing_chunk_file(self, file_id: int) -> str | None:
+        """One-line description if chunk file ``file_id`` is missing (and its images were not all
+        the fill value, which zarr leaves unwritten); else None. Checked once per file."""
+        if self._file_present[file_id]:
+            return None
+        if not self.chunk_file(file_id).is_file():
+            start = file_id * self.file_images
+            stop = min(self.n, start + self.file_images)
+            c0, c1 = start // self.chunk_images, -(-stop // self.chunk_images)
+            crcs = self.checksums()
+            if crcs is None or any(int(crcs[c]) != self._fill_crc(*self.chunk_range(c)) for c in range(c0, c1)):
+                name = self.chunk_file(file_id).relative_to(self.path)
+                chunks = f"chunk {c0}" if c1 - c0 == 1 else f"chunks {c0}-{c1 - 1}"
+                return (f"{self.path}: chunk file {name} is missing ({chunks}, particles {start}-{stop - 1}, "
+                        f"at box {self.D}); the store is damaged, re-ingest it")
+        self._file_present[file_id] = True
+        return None
+
+    def _fill_crc(self, start: int, stop: int) -> int:
+        return crc32c_array(np.zeros((stop - start, self.D, self.D), dtype=self._images.dtype))
+
+    def _check_files(self, file_ids: np.ndarray) -> None:
+        """StoreError if one of the chunk files ``file_ids`` is missing."""
+        for f in file_ids[~self._file_present[file_ids]]:
+            problem = self.missing_chunk_file(int(f))
+            if problem:
+                raise StoreError(problem)
+
+    def _check_range(self, start: int, stop: int) -> None:
+        self._check_files(np.arange(start // self.file_images, (stop - 1) // self.file_images + 1))
+
     def read_chunk(self, chunk_id: int) -> np.ndarray:
         """float32 (stop - start, D, D) images of one chunk, in one read."""
         start, stop = self.chunk_range(chunk_id)
+        self._check_range(start, stop)
         return np.asarray(self._images[start:stop], dtype=np.float32)
 
     def raw_chunk(self, chunk_id: int) -> np.ndarray:
         """A chunk's values in the stored dtype (what the checksums cover)."""
         start, stop = self.chunk_range(chunk_id)
+        self._check_range(start, stop)
         return np.asarray(self._images[start:stop])
 
     def images(self, indices) -> np.ndarray:
         """float32 (k, D, D) images at store positions ``indices``, in that order.
 
         Each chunk holding a requested image is read once (only the span between its first
-        and last requested image); no other chunk is touched.
+        and last requested image); no other chunk is touched. StoreError if a chunk file
+        holding one of them is missing.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = np.empty((idx.size, self.D, self.D), dtype=np.float32)
@@ -122,6 +165,7 @@ class ParticleStore:
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         chunk_of = sorted_idx // self.chunk_images
+        self._check_files(np.unique(sorted_idx // self.file_images))
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
         for group in np.split(np.arange(idx.size), bounds):
             lo, hi = int(sorted_idx[group[0]]), int(sorted_idx[group[-1]]) + 1

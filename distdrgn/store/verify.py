@@ -37,6 +37,7 @@ def info(path) -> dict:
         "kind": a.get("kind"),
         "created": a.get("created"),
         "provenance": a.get("provenance"),
+        "source_metadata": a.get("source_metadata"),
         "allow_nonfinite": bool(a.get("allow_nonfinite")),
         "nonfinite": store.nonfinite,
         "verification": store.verification,
@@ -131,6 +132,9 @@ def _check(store: ParticleStore, progress: bool) -> tuple[int, list[int]]:
         for c in tqdm(range(s.n_chunks), desc=f"verify {level}px", unit="chunk", disable=not progress):
             start, stop = s.chunk_range(c)
             where = (level, c, (start, stop - 1))
+            missing = s.missing_chunk_file(start // s.file_images)
+            if missing:
+                raise ChunkError(missing, *where)
             try:
                 raw = s.raw_chunk(c)
             except Exception as exc:  # a damaged shard surfaces as a codec or index error

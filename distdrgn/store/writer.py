@@ -151,6 +151,29 @@ def _looks_like_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
+def _is_distdrgn_store(path: Path) -> bool:
+    """A real directory whose root zarr.json is a distdrgn particle-store group (complete or not)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and meta.get("node_type") == "group"
+            and isinstance(meta.get("attributes"), dict) and meta["attributes"].get("format") == L.FORMAT_NAME)
+
+
+def _check_replaceable(path: Path, inputs) -> None:
+    """StoreError unless ``path`` (about to be removed for --force) is a distdrgn store holding none of ``inputs``."""
+    real = path.resolve()
+    for p in inputs:
+        rp = Path(p).resolve()
+        if rp == real or real in rp.parents:
+            raise StoreError(f"{path}: is (or holds) the input {p} of this ingest; refusing to delete it even with --force")
+    if not _is_distdrgn_store(path):
+        raise StoreError(f"{path}: exists and is not a distdrgn particle store; refusing to delete it even with --force")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -225,11 +248,11 @@ def ingest(
         raise StoreError(f"{out}: --dtype must be one of {', '.join(L.DTYPES)}, got {dtype!r}")
     if codec not in L.CODECS:
         raise StoreError(f"{out}: unknown codec {codec!r}; choose one of {', '.join(L.CODECS)}")
+    inputs = [p for p in (particles, poses, ctf, ind, datadir) if isinstance(p, (str, os.PathLike))]
     if out.exists() or out.is_symlink():
         if not force:
             raise StoreError(f"{out}: output already exists; use --force to replace it")
-        if out.is_dir() and any(out.iterdir()) and not _looks_like_store(out):
-            raise StoreError(f"{out}: exists and is not a Zarr store; refusing to delete it even with --force")
+        _check_replaceable(out, inputs)
 
     try:
         # poses/CTF given as pickles replace the file's: do not parse (or require) them there
@@ -237,6 +260,9 @@ def ingest(
                                    **(metadata_options or {}))
     except OSError as exc:
         raise FormatError(f"{particles}: {exc.strerror or exc}") from None
+    inputs += list(source.source_files)
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, inputs)
     n_source, source_D = int(source.n), int(source.D)
     if n_source == 0:
         raise FormatError(f"{particles}: no particles")
@@ -303,12 +329,17 @@ def ingest(
                     f"{partial}: an unfinished ingest with different inputs or options is in the way; "
                     "re-run the original command to resume it, or use --force to discard it"
                 )
+            _check_replaceable(partial, inputs)
             _remove(partial)
 
     source_apix = None if source.apix is None else float(source.apix)
     apix = None if source_apix is None else source_apix * source_D / full_D
     if fresh_dir or not partial.exists():
-        _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, original_index, rots, trans, ctf_arr)
+        from distdrgn.store.source_table import read_source
+
+        source_tables = read_source(particles, getattr(source, "kind", None))
+        _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, original_index, rots, trans, ctf_arr,
+                        source_tables=source_tables)
 
     n_shards = -(-n // plan[full_D].shard_images)
     done = {s for s in range(n_shards) if _progress_path(partial, s).is_file()}
@@ -355,13 +386,17 @@ def ingest(
             "fingerprint": "size + mtime + crc32c of 16 x 4 KiB blocks spread over the file (whole file if <= 1 MiB)",
         },
     })
-    if out.exists() or out.is_symlink():
+    if out.exists() or out.is_symlink():  # checked above; again in case it changed during the ingest
+        if not force:
+            raise StoreError(f"{out}: output appeared during the ingest; use --force to replace it")
+        _check_replaceable(out, inputs)
         _remove(out)
     os.replace(partial, out)
     return out
 
 
-def _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, original_index, rots, trans, ctf_arr):
+def _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, original_index, rots, trans, ctf_arr,
+                    source_tables=None):
     group = zarr.open_group(partial, mode="w-", zarr_format=3)  # "w" would rmtree the dir and lose its striping
     group.attrs.update({"format": L.FORMAT_NAME, "version": L.FORMAT_VERSION, "complete": False, "ingest_request": request})
     itemsize = np.dtype(dtype).itemsize
@@ -391,6 +426,10 @@ def _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, ori
         arr[...] = values
         crcs[name] = f"{crc32c_array(values):08x}"
     group.attrs["metadata_crc32c"] = crcs
+    if source_tables is not None:  # every column of the source .star/.cs, for store export
+        from distdrgn.store.source_table import write_source
+
+        group.attrs[L.SOURCE_ATTR] = write_source(group, source_tables, original_index)
     (partial / L.PROGRESS_DIR).mkdir(exist_ok=True)
 
 

@@ -87,7 +87,8 @@ def load_weights(path: Path, map_location="cpu") -> dict[str, Any]:
     except Exception as exc:  # torch raises several types for corrupt/foreign pickles
         raise DistdrgnError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise DistdrgnError(f"{path}: not a distdrgn checkpoint (cryoDRGN weights files are not supported)")
+        raise DistdrgnError(f"{path}: not a distdrgn checkpoint (a cryoDRGN weights file is read from its run "
+                            f"directory, with its config.yaml beside it)")
     if ckpt.get("version") == 1:  # distdrgn 0.1: 0-based epochs (its model_info has no layer_convention)
         ckpt["epoch"] = int(ckpt["epoch"]) + 1
         if "position" in ckpt:

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from distdrgn import __version__
-from distdrgn.errors import DistdrgnError
+from distdrgn.errors import DistdrgnError, Stopped
 
 # command name -> (module in distdrgn.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,9 +29,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pc-traversal": ("pc_traversal", "latent points along principal components"),
     "direct-traversal": ("direct_traversal", "latent points on straight lines between anchors"),
     "select": ("select", "select a particle subset (k-means labels, z-norm, UMAP polygon) as IND.pkl"),
+    "concat-pkls": ("concat_pkls", "concatenate index, poses, CTF or z pickles row-wise"),
+    "filter-pkl": ("filter_pkl", "keep the rows of a poses, CTF, z or index pickle given by an IND.pkl"),
+    "view-header": ("view_header", "print the header of an .mrc/.mrcs, .star, .cs or particle store"),
     "filter": ("filter", "interactive lasso selection of particles in a latent-space plot"),
     "backproject": ("backproject", "voxel back-projection of a store (with half-maps)"),
     "fsc": ("fsc", "Fourier shell correlation between two volumes"),
+    "gen-mask": ("gen_mask", "soft mask of a volume: threshold, dilation, cosine edge"),
+    "flip-hand": ("flip_hand", "invert the handedness of a volume (mirror along z)"),
+    "downsample-vol": ("downsample_vol", "Fourier-crop a volume to a smaller box (voxel size scaled)"),
     "bench": ("bench", "run a throughput benchmark (train, loader, knn) from benchmarks/"),
 }
 
@@ -60,11 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args._main(args)
+    except Stopped as exc:  # a checkpoint was written: the scheduler may requeue the same command
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except DistdrgnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # on its own line, not after a progress bar
         return 130
     return int(result or 0)
 

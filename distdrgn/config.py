@@ -38,6 +38,7 @@ class DataConfig:
     window_outer: float = 0.99  # fraction of the half box where the window reaches 0
     norm_images: int = 1000  # images used to estimate the Hartley std when the store has none
     allow_unverified: bool = False  # train on a store whose last `store verify` failed
+    ind: str | None = None  # ind.pkl of store positions: train on that subset only (cryoDRGN --ind)
 
 
 @dataclass

@@ -32,16 +32,20 @@ def encode_segment(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     progress=None,
+    keep: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (n_r, zdim) z_mu and z_logvar (float32, on ``device``) of its segment."""
+    """This rank's (n_r, zdim) z_mu and z_logvar (float32, on ``device``) of its segment.
+
+    ``keep``: sorted store positions to encode (``data.ind``); the segments then cover those
+    particles only, in store order."""
     device = torch.device(device)
     if model.zdim == 0:
         raise DistdrgnError("the model is homogeneous (zdim = 0): there are no latents to encode")
     if store.D != prep.D:
         raise DistdrgnError(f"{store.path}: images are {store.D} px but the model was trained at {prep.D} px (choose the store level)")
     chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
-    order = GlobalOrder(chunks, seed=0, epoch=0, window_chunks=1, shuffle=False)
-    schedule = SegmentSchedule(store.n, world_size, batch_size)
+    order = GlobalOrder(chunks, seed=0, epoch=0, window_chunks=1, shuffle=False, keep=keep)
+    schedule = SegmentSchedule(order.n, world_size, batch_size)
     batches = stream_batches(str(store.path), store.D, order, schedule, rank, Metadata.from_store(store),
                              num_workers=num_workers, pin_memory=device.type == "cuda")
     mus, logvars = [], []

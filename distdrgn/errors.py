@@ -16,3 +16,12 @@ class FormatError(DistdrgnError):
 
 class StoreError(DistdrgnError):
     """A particle store that is missing, incomplete, corrupt or inconsistent."""
+
+
+class Stopped(DistdrgnError):
+    """A run stopped on a signal after writing a checkpoint (:mod:`distdrgn.preemption`);
+    ``exit_code`` is 128 + the signal number, as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str, signum: int | None):
+        super().__init__(message)
+        self.exit_code = 128 + (signum or 15)  # 15 = SIGTERM when only another rank saw the signal

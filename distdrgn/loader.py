@@ -42,6 +42,10 @@ on the device in :func:`distdrgn.objective.prepare_targets`.
 
 Encoding (:class:`GlobalOrder` with ``shuffle=False``, :class:`SegmentSchedule`)
 ------------------------------------------------------------------------------------
+Subsets (``data.ind``, cryoDRGN ``--ind``): with ``keep`` (sorted store positions) each
+chunk holds only its kept images; the steps above run unchanged over the kept images (N is
+their number), so a chunk without kept images is never read.
+
 Latents are computed in store order through the same reader: with ``shuffle=False`` sigma is
 the store order (chunks in order, no shuffle within windows), and :class:`SegmentSchedule`
 gives rank ``r`` the contiguous segment ``sigma[N r / W : N (r + 1) / W]`` (sizes differ by
@@ -98,20 +102,37 @@ class GlobalOrder:
     """
 
     def __init__(self, chunk_ranges: list[tuple[int, int]], *, seed: int, epoch: int, window_chunks: int = 4,
-                 shuffle: bool = True):
+                 shuffle: bool = True, keep: np.ndarray | None = None):
         self.seed, self.epoch, self.window_chunks = int(seed), int(epoch), int(window_chunks)
         self.shuffle = bool(shuffle)
         self.chunk_ranges = [(int(a), int(b)) for a, b in chunk_ranges]
         n_chunks = len(self.chunk_ranges)
         self.chunks = (np.random.default_rng([self.seed, self.epoch]).permutation(n_chunks) if self.shuffle
                        else np.arange(n_chunks))  # (n_chunks,) the chunks in visiting order
-        sizes = np.array([self.chunk_ranges[c][1] - self.chunk_ranges[c][0] for c in self.chunks], dtype=np.int64)
+        self.keep = None if keep is None else np.asarray(keep, dtype=np.int64)  # sorted store positions (data.ind)
+        sizes = np.array([self._count(c) for c in self.chunks], dtype=np.int64)
         self.chunk_offsets = np.concatenate([[0], np.cumsum(sizes)])  # sigma position of each permuted chunk
         self.n = int(self.chunk_offsets[-1])
         n_windows = -(-len(self.chunks) // self.window_chunks)
         self.window_offsets = self.chunk_offsets[np.minimum(np.arange(n_windows + 1) * self.window_chunks,
                                                             len(self.chunks))]
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _bounds(self, chunk: int) -> tuple[int, int]:
+        """[i, j) of ``keep`` inside store chunk ``chunk``."""
+        a, b = self.chunk_ranges[chunk]
+        return int(np.searchsorted(self.keep, a)), int(np.searchsorted(self.keep, b))
+
+    def _count(self, chunk: int) -> int:
+        a, b = self.chunk_ranges[chunk] if self.keep is None else self._bounds(chunk)
+        return b - a
+
+    def members(self, chunk: int) -> np.ndarray:
+        """Store positions that store chunk ``chunk`` contributes, ascending: all, or the kept ones."""
+        if self.keep is None:
+            return np.arange(*self.chunk_ranges[chunk], dtype=np.int64)
+        i, j = self._bounds(chunk)
+        return self.keep[i:j]
 
     def chunk_start(self, seq: int) -> int:
         """Store position of the first image of the ``seq``-th chunk of the permuted sequence."""
@@ -122,8 +143,7 @@ class GlobalOrder:
         index in the permuted chunk sequence of the chunk holding each."""
         if w not in self._cache:
             first, stop = w * self.window_chunks, min((w + 1) * self.window_chunks, len(self.chunks))
-            natural = np.concatenate([np.arange(*self.chunk_ranges[int(self.chunks[q])], dtype=np.int64)
-                                      for q in range(first, stop)])
+            natural = np.concatenate([self.members(int(self.chunks[q])) for q in range(first, stop)])
             seq = np.repeat(np.arange(first, stop, dtype=np.int64), np.diff(self.chunk_offsets[first : stop + 1]))
             perm = (np.random.default_rng([self.seed, self.epoch, w]).permutation(natural.size) if self.shuffle
                     else np.arange(natural.size))

@@ -48,7 +48,7 @@ from distdrgn.engine import (
     close_process_group,
     init_process_group,
 )
-from distdrgn.errors import DistdrgnError, StoreError
+from distdrgn.errors import DistdrgnError, Stopped, StoreError
 from distdrgn.kernels import resolve_kernels
 from distdrgn.kernels.check import check_fused
 from distdrgn.loader import (
@@ -68,6 +68,7 @@ from distdrgn.objective import (
     parse_beta,
     prepare_targets,
 )
+from distdrgn.preemption import StopRequest
 
 log = logging.getLogger("distdrgn.train")
 progress_log = logging.getLogger("distdrgn.train.progress")  # run.log only (the console has the tqdm bar)
@@ -171,6 +172,20 @@ def open_store(cfg: Config):
     if not cfg.data.store:
         raise DistdrgnError("data.store is not set (give it in the config or as data.store=PATH)")
     return ParticleStore.open(cfg.data.store, level=cfg.data.level)
+
+
+def training_subset(cfg: Config, store) -> np.ndarray | None:
+    """``data.ind``: the sorted store positions to train on (cryoDRGN ``--ind``), or None."""
+    if cfg.data.ind is None:
+        return None
+    from distdrgn.formats.ind import load_indices
+
+    keep = load_indices(cfg.data.ind, store.n)
+    unique = np.unique(keep)
+    if len(unique) != len(keep):
+        raise DistdrgnError(f"data.ind={cfg.data.ind}: {len(keep) - len(unique)} repeated indices; "
+                            "each particle can be trained on once per epoch")
+    return unique
 
 
 def check_verification(store, cfg: Config) -> str | None:
@@ -412,6 +427,12 @@ class Run:
     beta_at: object
     metrics: TrainingMetrics | None
     hooks: TestHooks
+    keep: np.ndarray | None = None  # sorted store positions of data.ind, None = every particle
+
+    @property
+    def n_train(self) -> int:
+        """Particles trained on (and encoded): the data.ind subset or the whole store."""
+        return self.store.n if self.keep is None else len(self.keep)
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
@@ -428,6 +449,7 @@ class Run:
             "preprocess": asdict(self.prep),
             "config": self.cfg.to_dict(),
             "store": {"path": str(self.store.path), "n": self.store.n, "D": self.store.D, "apix": self.store.apix},
+            "subset": None if self.keep is None else {"path": str(self.cfg.data.ind), "n": len(self.keep)},
         }
 
     def save_epoch(self, epoch: int, zs, final: bool) -> None:
@@ -453,7 +475,7 @@ class Run:
         if self.rt.is_main:
             path = save_step_checkpoint(self.out_dir, epoch, consumed, {
                 **payload, "position": {"sums": totals.tolist(), "seconds": seconds}})
-            progress_log.info("epoch %d: %d/%d images, wrote %s", epoch, consumed, self.store.n,
+            progress_log.info("epoch %d: %d/%d images, wrote %s", epoch, consumed, self.n_train,
                               path.relative_to(self.out_dir))
         if self.metrics:
             self.metrics.checkpoint_written()
@@ -496,14 +518,16 @@ def train(cfg: Config) -> Path:
         raise DistdrgnError("output.dir is not set (give it in the config or as output.dir=PATH)")
     rt = init_runtime(cfg)
     try:
-        return _train(cfg, rt)
+        with StopRequest(rt.device, rt.distributed) as stop:
+            return _train(cfg, rt, stop)
     finally:
         close_process_group()  # DeepSpeed makes a group even for one process
 
 
-def _train(cfg: Config, rt: Runtime) -> Path:
+def _train(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
     out_dir = Path(cfg.output.dir)
     store = open_store(cfg)
+    keep = training_subset(cfg, store)
     unverified = check_verification(store, cfg)
     meta = Metadata.from_store(store)
     if rt.is_main:
@@ -529,6 +553,9 @@ def _train(cfg: Config, rt: Runtime) -> Path:
                                 f"(data.level={cfg.data.level}); train on a box-{info.D} store or level, or use a new output.dir")
         if info != ModelInfo.from_config(cfg.model, store.D, cfg.train.seed):
             raise DistdrgnError(f"{out_dir}: the run was started with another model or box size; use a new output.dir")
+        if (ckpt.get("subset") or {}).get("n") != (None if keep is None else len(keep)):
+            raise DistdrgnError(f"{out_dir}: the run was started with another data.ind subset "
+                                f"({(ckpt.get('subset') or {}).get('path') or 'none'}); use a new output.dir")
         if int(ckpt["store"]["n"]) != store.n:
             raise DistdrgnError(f"{out_dir}: the run was started on a store of {ckpt['store']['n']} images, "
                                 f"{store.path} has {store.n}; use a new output.dir")
@@ -557,7 +584,7 @@ def _train(cfg: Config, rt: Runtime) -> Path:
     if ckpt:
         engine.load_state_dict(ckpt)
         log.info("resumed from %s: continuing at epoch %d, image %d of %d", ckpt_path.relative_to(out_dir),
-                 start_epoch, start, store.n)
+                 start_epoch, start, store.n if keep is None else len(keep))
         del ckpt  # the optimizer holds its own copy now
     log.info("engine: %s%s", engine.name, f" (ZeRO stage {cfg.train.zero_stage})" if engine.name == "deepspeed" else "")
     n_params = sum(p.numel() for p in model.parameters())
@@ -570,7 +597,10 @@ def _train(cfg: Config, rt: Runtime) -> Path:
         metrics.serve(cfg.metrics.port)
         log.info("serving Prometheus metrics on port %d", cfg.metrics.port)
     run = Run(cfg, rt, out_dir, store, meta, prep, info, model, engine, parse_beta(cfg.train.beta, info.zdim),
-              metrics, TestHooks.from_env(rt, start_epoch, start))
+              metrics, TestHooks.from_env(rt, start_epoch, start), keep)
+    if keep is not None:
+        log.info("training on %d of the store's %d particles (data.ind=%s); z.N.pkl rows are those particles, "
+                 "in store order", len(keep), store.n, cfg.data.ind)
     try:
         if start_epoch > cfg.train.epochs:
             log.info("nothing to do: %d epoch(s) already trained (train.epochs=%d)", start_epoch - 1, cfg.train.epochs)
@@ -579,15 +609,16 @@ def _train(cfg: Config, rt: Runtime) -> Path:
                 if (out_dir / f"z.{start_epoch - 1}.pkl").exists():
                     copy_atomic(out_dir / f"z.{start_epoch - 1}.pkl", out_dir / "z.pkl")
         for epoch in range(start_epoch, cfg.train.epochs + 1):  # numbered from 1, as in cryoDRGN
-            run_epoch(run, epoch, start if epoch == start_epoch else 0, carried if epoch == start_epoch else None)
+            run_epoch(run, epoch, start if epoch == start_epoch else 0, carried if epoch == start_epoch else None, stop)
             last = epoch == cfg.train.epochs
             if last or epoch % cfg.train.checkpoint_every == 0:
                 zs = None
                 if info.zdim:
                     mu, logvar = encode_segment(model, prep, store, batch_size=max(64, cfg.train.batch_size),
                                                 rank=rt.rank, world_size=rt.world_size, device=rt.device,
-                                                amp_dtype=rt.amp_dtype, num_workers=cfg.train.num_workers)
-                    zs = gather_segments(mu, logvar, store.n, rt.world_size)
+                                                amp_dtype=rt.amp_dtype, num_workers=cfg.train.num_workers,
+                                                keep=run.keep)
+                    zs = gather_segments(mu, logvar, run.n_train, rt.world_size)
                 run.save_epoch(epoch, zs, final=last)
                 if rt.is_main:
                     plot_loss(out_dir)
@@ -608,25 +639,34 @@ def _train(cfg: Config, rt: Runtime) -> Path:
 
 
 def load_initial_weights(model: CryoDRGN, path: Path) -> None:
-    """``train.load``: the model parameters of another run's checkpoint (not its optimizer or epoch)."""
-    ckpt = load_weights(path)
-    theirs = ModelInfo(**ckpt["model_info"])
+    """``train.load``: the model parameters of another run's checkpoint, distdrgn's or cryoDRGN's
+    (a weights.N.pkl next to its config.yaml); not its optimizer or epoch."""
+    from distdrgn import cryodrgn_run
+
+    if cryodrgn_run.is_cryodrgn_run(path):
+        theirs_model = cryodrgn_run.load_cryodrgn_run(path, need_encoder=model.zdim > 0).model
+        theirs, state = theirs_model.info, theirs_model.state_dict()
+    else:
+        ckpt = load_weights(path)
+        theirs, state = ModelInfo(**ckpt["model_info"]), ckpt["model_state_dict"]
     if (theirs.D, theirs.enc_hidden, theirs.dec_hidden) != (model.info.D, model.info.enc_hidden, model.info.dec_hidden):
         raise DistdrgnError(f"train.load={path}: its model (box {theirs.D}, {theirs.enc_hidden} encoder and "
                             f"{theirs.dec_hidden} decoder hidden layers) is not the one configured")
     try:
-        model.load_state_dict(ckpt["model_state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise DistdrgnError(f"train.load={path}: weights do not fit the configured model "
                             f"({str(exc).splitlines()[0]})") from None
 
 
-def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> None:
+def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None, stop: StopRequest) -> None:
     """Train on the epoch's global order from image ``start`` on; rank 0 appends the epoch's
-    loss.csv row. Writes a step checkpoint every ``train.checkpoint_every_steps`` steps."""
+    loss.csv row. Writes a step checkpoint every ``train.checkpoint_every_steps`` steps, and
+    one before raising :class:`Stopped` when ``stop`` says a signal asked to stop."""
     cfg, rt, store = run.cfg, run.rt, run.store
-    order = GlobalOrder(run.chunks, seed=cfg.train.seed, epoch=epoch, window_chunks=cfg.train.shuffle_chunks)
-    schedule = StepSchedule(store.n, start, rt.world_size, cfg.train.batch_size)
+    order = GlobalOrder(run.chunks, seed=cfg.train.seed, epoch=epoch, window_chunks=cfg.train.shuffle_chunks,
+                        keep=run.keep)
+    schedule = StepSchedule(order.n, start, rt.world_size, cfg.train.batch_size)
     batches = DevicePrefetcher(stream_batches(str(store.path), store.D, order, schedule, rt.rank, run.meta,
                                               num_workers=cfg.train.num_workers, pin_memory=rt.device.type == "cuda"),
                                rt.device)
@@ -645,7 +685,7 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         batch = next(batches)
         t_data = time.perf_counter() - t0
         seed_step(cfg.train.seed, epoch, lo, rt.rank)
-        beta = run.beta_at(epoch - 1 + lo / store.n)  # the schedule counts epochs trained, from 0
+        beta = run.beta_at(epoch - 1 + lo / schedule.n)  # the schedule counts epochs trained, from 0
         terms, nonfinite = train_step(run.engine, batch, run.prep, run.model.lattice, beta, schedule.loss_weight(step),
                                       rt)
         # the epoch's totals count the images of the steps taken: masked on the device, no wait
@@ -658,7 +698,14 @@ def run_epoch(run: Run, epoch: int, start: int, carried: EpochTotals | None) -> 
         run.hooks.after_step(epoch, lo, batch.indices)
         progress.update(step, hi - lo, terms, beta, time.perf_counter() - t0, t_data)
         every = cfg.train.checkpoint_every_steps
-        if every and (step + 1) % every == 0 and hi < store.n:
+        if stop.agreed():  # every rank stops after this same step
+            progress.close()
+            run.save_step(epoch, hi, sums, seconds_before + time.perf_counter() - t_epoch)
+            message = (f"stopped by {stop.name} at epoch {epoch} step {step + 1} (image {hi} of {schedule.n}); "
+                       "rerun the same command to resume")
+            log.warning(message)
+            raise Stopped(message, stop.signum)
+        if every and (step + 1) % every == 0 and hi < schedule.n:
             run.save_step(epoch, hi, sums, seconds_before + time.perf_counter() - t_epoch)
     if pending is not None:
         nonfinite_steps.record(*pending)
@@ -726,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_from_args(args)
+    except Stopped as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except DistdrgnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

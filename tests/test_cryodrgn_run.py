@@ -215,3 +215,25 @@ def test_hartley_domain_is_evaluated_on_the_whole_grid(runs, tmp_path):
     vals = (h @ sd["decoder.main.6.weight"].double().T + sd["decoder.main.6.bias"].double()).reshape(9, 9, 9)
     want = iht3_center((vals * 3.0 + 0.25)[:-1, :-1, :-1]).numpy()
     assert rel_err(eval_volume(tm), want) < 1e-5
+
+
+@needs_runs
+def test_train_load_starts_from_a_cryodrgn_runs_weights(tmp_path):
+    """train.load=vae/weights.pkl (cryoDRGN --load): training starts from cryoDRGN's parameters."""
+    from distdrgn.config import load_config
+    from distdrgn.store.writer import ingest
+    from distdrgn.train import train
+    from distdrgn.volumes import load_model
+
+    formats = CRYODRGN_RUNS.parent / "formats"
+    store = ingest(formats / "hand.mrcs", tmp_path / "hand.zarr", poses=formats / "hand_rot_trans.pkl", progress=False)
+    run = tmp_path / "run"
+    train(load_config(None, [f"data.store={store}", f"output.dir={run}", "model.zdim=2", "model.enc_dim=32",
+                             "model.enc_layers=2", "model.dec_dim=32", "model.dec_layers=2", "train.epochs=1",
+                             "train.batch_size=50", "train.lr=1e-12", "train.device=cpu", "train.analyze=false",
+                             f"train.load={CRYODRGN_RUNS / 'vae' / 'weights.pkl'}"]))
+    theirs = load_cryodrgn_run(CRYODRGN_RUNS / "vae", need_encoder=True).model.state_dict()
+    ours = load_model(run).model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in theirs:  # two Adam steps of lr 1e-12 move nothing measurable
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-9, msg=k)

@@ -70,7 +70,7 @@ def test_deepspeed_matches_ddp_on_two_cpu_processes(stage, ddp_run, small_datase
     proc = torchrun(tiny_overrides(small_dataset["store"], out, **{"train.engine": "deepspeed",
                                                                    "train.zero_stage": stage}))
     assert f"engine: deepspeed (ZeRO stage {stage})" in (out / "run.log").read_text(), proc.stderr[-2000:]
-    for name in ("weights.0.pkl", "weights.1.pkl", "weights.pkl", "z.0.pkl", "z.pkl", "loss.csv", "config.yaml"):
+    for name in ("weights.1.pkl", "weights.2.pkl", "weights.pkl", "z.1.pkl", "z.pkl", "loss.csv", "config.yaml"):
         assert (out / name).is_file(), name
     assert [int(r["images"]) for r in loss_rows(out)] == [192, 192]
     # stage 0 steps our Adam directly; stage 2 partitions gradients and Adam state across the
@@ -100,7 +100,7 @@ def test_deepspeed_zero1_resume_and_cross_engine_resume(ddp_run, small_dataset, 
     out = tmp_path / "mixed"
     torchrun(tiny_overrides(small_dataset["store"], out, **{"train.epochs": 1}))
     torchrun(tiny_overrides(small_dataset["store"], out, **{"train.engine": "deepspeed", "train.zero_stage": 1}))
-    assert "resumed from weights.0.pkl" in (out / "run.log").read_text()
+    assert "resumed from weights.1.pkl" in (out / "run.log").read_text()
     assert_same_run(ddp_run, out)
 
 

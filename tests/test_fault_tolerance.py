@@ -101,7 +101,7 @@ def check_history(tmp: Path, store) -> dict[str, dict]:
         for epoch, lo, ids in a["steps"]:
             kept.setdefault((epoch, lo), []).append(ids)
     chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
-    for epoch in range(EPOCHS):
+    for epoch in range(1, EPOCHS + 1):  # numbered from 1
         sigma = GlobalOrder(chunks, seed=0, epoch=epoch, window_chunks=4).order()
         los = sorted(lo for e, lo in kept if e == epoch)
         assert los and los[0] == 0, f"epoch {epoch} does not start at image 0"
@@ -122,7 +122,7 @@ def check_z(run: Path, store) -> None:
 
     z_mu, _ = load_z(run / "z.pkl")
     tm = load_model(run)
-    assert tm.epoch == EPOCHS - 1
+    assert tm.epoch == EPOCHS
     mu, _ = encode_store(tm.model, tm.prep, store, device="cpu")
     np.testing.assert_allclose(mu, z_mu, rtol=1e-4, atol=1e-5)
 
@@ -162,7 +162,7 @@ def test_three_random_worker_kills_under_torchrun_max_restarts(small_dataset, ti
     attempts = check_history(tmp_path, store)
     assert len(attempts) == 4 and all(a["world_size"] == 2 for a in attempts.values())
     resumes = [a["resume"] for a in sorted(attempts.values(), key=lambda a: a["time"])]
-    assert resumes[0] == (0, 0) and all(r > (0, 0) for r in resumes[1:])  # restarts resumed, not restarted
+    assert resumes[0] == (1, 0) and all(r > (1, 0) for r in resumes[1:])  # restarts resumed, not restarted
     assert (run / "run.log").read_text().count("resumed from") == 3
     check_z(run, store)
 
@@ -207,3 +207,41 @@ def test_whole_job_kill_relaunch_truncated_checkpoint_and_fewer_processes(small_
     log = (run / "run.log").read_text()
     assert f"{path_new.name}: cannot read checkpoint" in log and "using the previous checkpoint" in log
     check_z(run, store)
+
+
+@pytest.mark.parametrize("nproc", [None, 2], ids=["one-process", "torchrun-2"])
+def test_sigterm_checkpoints_and_the_rerun_finishes_identical(nproc, small_dataset, tiny_overrides, store, tmp_path):
+    """SLURM preemption: SIGTERM mid-epoch -> a step checkpoint, a log line, exit 143; the same
+    command then resumes and ends bitwise where an uninterrupted run ends."""
+    import torch
+
+    from distdrgn.checkpoint import load_weights
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert launch(overrides(small_dataset["store"], straight, tiny_overrides), plain, nproc).wait(TIMEOUT) == 0
+    args = overrides(small_dataset["store"], run, tiny_overrides)
+    proc = launch(args, tmp_path, nproc)
+    try:
+        def in_epoch_2():
+            return any(s[0] == 2 and s[1] >= 16 for a in read_samples(tmp_path).values() for s in a["steps"])
+
+        wait_for(in_epoch_2, proc, "training inside epoch 2")
+        os.kill(proc.pid, signal.SIGTERM)  # the process, or torchrun's agent, which forwards it
+        rc = proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            kill(proc.pid)
+    log = (run / "run.log").read_text()
+    assert rc != 0, "a stopped run must exit non-zero so that the scheduler requeues it"
+    assert "stopped by SIGTERM at epoch 2" in log and "rerun the same command to resume" in log
+    stopped_at = resume_points(run)[0][0]
+    assert stopped_at[0] == 2 and stopped_at[1] > 0  # a step checkpoint where it stopped
+    assert launch(args, tmp_path, nproc).wait(timeout=TIMEOUT) == 0, (tmp_path / "stderr.log").read_text()[-3000:]
+    assert f"continuing at epoch 2, image {stopped_at[1]}" in (run / "run.log").read_text()
+    a, b = load_weights(straight / "weights.pkl"), load_weights(run / "weights.pkl")
+    for k in a["model_state_dict"]:
+        assert torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]), k
+    np.testing.assert_array_equal(load_z(straight / "z.pkl")[0], load_z(run / "z.pkl")[0])
+    check_history(tmp_path, store)

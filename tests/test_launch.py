@@ -17,7 +17,7 @@ from distdrgn.engine import deepspeed_import_error
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
-OUTPUTS = ("config.yaml", "weights.0.pkl", "weights.1.pkl", "weights.pkl", "z.pkl", "loss.csv", "run.log")
+OUTPUTS = ("config.yaml", "weights.1.pkl", "weights.2.pkl", "weights.pkl", "z.pkl", "loss.csv", "run.log")
 
 
 def free_port() -> int:
@@ -42,7 +42,7 @@ def check_run(out: Path, world_size: int = 2) -> None:
     for name in OUTPUTS:
         assert (out / name).is_file(), name
     assert f"{world_size} process(es) on cpu" in (out / "run.log").read_text()
-    assert load_weights(out / "weights.pkl")["epoch"] == 1
+    assert load_weights(out / "weights.pkl")["epoch"] == 2
 
 
 def test_there_are_recipes():

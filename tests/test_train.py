@@ -279,3 +279,25 @@ def test_a_distdrgn_0_1_run_directory_is_not_resumed(small_dataset, tiny_overrid
     (run / "config.yaml").write_text("\n".join(line for line in text.splitlines() if not line.startswith("run_format")))
     with pytest.raises(DistdrgnError, match="distdrgn 0.1.*new output.dir"):
         run_train(tiny_overrides(small_dataset["store"], run, **{"train.epochs": 2}))
+
+
+def test_data_ind_trains_and_encodes_exactly_the_subset(small_dataset, tiny_overrides, tmp_path):
+    """data.ind (cryoDRGN --ind): each selected particle once per epoch, z rows = the subset in store order."""
+    from distdrgn.encode import encode_store
+    from distdrgn.formats.ind import save_indices
+    from distdrgn.store import ParticleStore
+    from distdrgn.volumes import load_model
+
+    keep = np.sort(np.random.default_rng(0).choice(192, size=100, replace=False))
+    save_indices(tmp_path / "ind.pkl", keep[::-1].copy())  # any order; trained in store order
+    run = tmp_path / "run"
+    run_train(tiny_overrides(small_dataset["store"], run, **{"data.ind": str(tmp_path / "ind.pkl"),
+                                                            "train.checkpoint_every_steps": 2}))
+    assert [int(r["images"]) for r in read_loss(run)] == [100, 100]
+    z_mu, _ = load_z(run / "z.pkl")
+    tm = load_model(run)
+    everyone, _ = encode_store(tm.model, tm.prep, ParticleStore.open(small_dataset["store"]), device="cpu")
+    np.testing.assert_allclose(z_mu, everyone[keep], rtol=1e-4, atol=1e-5)
+    assert "training on 100 of the store's 192 particles" in (run / "run.log").read_text()
+    with pytest.raises(DistdrgnError, match="another data.ind subset"):  # resuming needs the same subset
+        run_train(tiny_overrides(small_dataset["store"], run, **{"train.epochs": 3}))

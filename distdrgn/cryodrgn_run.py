@@ -232,20 +232,14 @@ def eval_cryodrgn_volume(trained, z=None, device=None) -> np.ndarray:
     norm[0]`` on the whole grid, the last plane of each axis dropped, inverse centred HT.
     """
     from distdrgn.fft import iht3_center
+    from distdrgn.volumes import latent_tensor
 
     model = trained.model
     D = trained.D
     mean, std = trained.config["norm"]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    zt = None
-    if model.zdim:
-        if z is None:
-            raise DistdrgnError(f"the model has zdim={model.zdim}: give a latent z")
-        zt = torch.as_tensor(np.asarray(z, dtype=np.float32).reshape(-1), device=device)
-        if zt.numel() != model.zdim:
-            raise DistdrgnError(f"z has {zt.numel()} values but the model has zdim={model.zdim}")
-        zt = zt[None]
+    zt = latent_tensor(model, z, device)
     fourier = model.info.domain == "fourier"
     k = (torch.arange(D + 1, dtype=torch.float32, device=device) - D // 2) / D
     ky, kx = torch.meshgrid(k, k, indexing="ij")

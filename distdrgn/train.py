@@ -519,9 +519,17 @@ def train(cfg: Config) -> Path:
     rt = init_runtime(cfg)
     try:
         with StopRequest(rt.device, rt.distributed) as stop:
-            return _train(cfg, rt, stop)
+            out_dir = _train(cfg, rt, stop)
+        if rt.distributed:  # leave together: a gloo rank torn down while its peers still write can abort
+            dist.barrier()
     finally:
         close_process_group()  # DeepSpeed makes a group even for one process
+    if cfg.train.analyze and cfg.model.zdim and rt.is_main:  # one process, as cryoDRGN's train_vae does
+        from distdrgn.analysis.analyze import analyze
+
+        log.info("running analyze on the final epoch (train.analyze=false skips it)")
+        log.info("analysis: %s", analyze(out_dir, device=str(rt.device)))
+    return out_dir
 
 
 def _train(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
@@ -626,15 +634,6 @@ def _train(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
     finally:
         if metrics:
             metrics.close()
-    if cfg.train.analyze and info.zdim:
-        if rt.distributed:
-            dist.barrier()  # every rank is done with the run directory
-        if rt.is_main:
-            from distdrgn.analysis.analyze import analyze
-
-            log.info("running analyze on the final epoch (train.analyze=false skips it)")
-            report = analyze(out_dir, device=str(rt.device))
-            log.info("analysis: %s", report)
     return out_dir
 
 

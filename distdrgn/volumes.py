@@ -73,6 +73,18 @@ def load_model(run_dir: str | Path, epoch: int | None = None, device=None, confi
     return trained
 
 
+def latent_tensor(model: CryoDRGN, z, device) -> torch.Tensor | None:
+    """``z`` (zdim values) as a (1, zdim) float32 tensor on ``device``; None for zdim = 0."""
+    if not model.zdim:
+        return None
+    if z is None:
+        raise DistdrgnError(f"the model has zdim={model.zdim}: give a latent z")
+    zt = torch.as_tensor(np.asarray(z, dtype=np.float32).reshape(-1), device=device)
+    if zt.numel() != model.zdim:
+        raise DistdrgnError(f"z has {zt.numel()} values but the model has zdim={model.zdim}")
+    return zt[None]
+
+
 @torch.no_grad()
 def eval_volume(trained: TrainedModel, z=None, D: int | None = None, device=None) -> np.ndarray:
     """(D, D, D) float32 real-space volume at latent ``z`` (zdim,) (None for zdim = 0).
@@ -90,14 +102,7 @@ def eval_volume(trained: TrainedModel, z=None, D: int | None = None, device=None
         raise DistdrgnError(f"volume box must be even and >= 4, got {D}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    zt = None
-    if model.zdim:
-        if z is None:
-            raise DistdrgnError(f"the model has zdim={model.zdim}: give a latent z")
-        zt = torch.as_tensor(np.asarray(z, dtype=np.float32).reshape(-1), device=device)
-        if zt.numel() != model.zdim:
-            raise DistdrgnError(f"z has {zt.numel()} values but the model has zdim={model.zdim}")
-        zt = zt[None]
+    zt = latent_tensor(model, z, device)
     k = (torch.arange(D + 1, dtype=torch.float32, device=device) - D // 2) / D
     ky, kx = torch.meshgrid(k, k, indexing="ij")
     plane_xy = torch.stack([kx.ravel(), ky.ravel()], -1)  # ((D+1)^2, 2)

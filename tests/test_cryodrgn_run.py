@@ -237,3 +237,15 @@ def test_train_load_starts_from_a_cryodrgn_runs_weights(tmp_path):
     assert ours.keys() == theirs.keys()
     for k in theirs:  # two Adam steps of lr 1e-12 move nothing measurable
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-9, msg=k)
+
+
+@needs_runs
+def test_analysis_commands_accept_a_cryodrgn_run_directory(tmp_path):
+    """analyze RUN EPOCH (positional, as cryoDRGN), pc-traversal and select on cryoDRGN's vae/."""
+    run = CRYODRGN_RUNS / "vae"
+    assert cli.main(["analyze", str(run), "1", "--ksample", "2", "--pc", "1", "--no-umap",
+                     "--traversal-points", "3", "-o", str(tmp_path / "ana")]) == 0
+    assert (tmp_path / "ana" / "report.html").is_file() and (tmp_path / "ana" / "kmeans2" / "vol_001.mrc").is_file()
+    assert cli.main(["pc-traversal", str(run), "-o", str(tmp_path / "pc")]) == 0
+    assert cli.main(["select", str(run), "--random", "10", "-o", str(tmp_path / "ind.pkl")]) == 0
+    assert len(np.load(tmp_path / "ind.pkl", allow_pickle=True)) == 10

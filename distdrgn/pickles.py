@@ -100,15 +100,18 @@ def read_pickle_contents(path: str | os.PathLike) -> PickleContents:
 
 
 def write_pickle_contents(path: str | os.PathLike, contents: PickleContents) -> None:
-    """Write ``contents`` in the layout it was read from."""
-    with open(path, "wb") as f:
-        if contents.kind == "z":
-            for part in contents.parts:
-                pickle.dump(part, f)
-        elif contents.kind == "tuple":
-            pickle.dump(tuple(contents.parts), f)
-        else:
-            pickle.dump(contents.parts[0], f)
+    """Write ``contents`` in the layout it was read from; an OSError is a one-line DistdrgnError."""
+    try:
+        with open(path, "wb") as f:
+            if contents.kind == "z":
+                for part in contents.parts:
+                    pickle.dump(part, f)
+            elif contents.kind == "tuple":
+                pickle.dump(tuple(contents.parts), f)
+            else:
+                pickle.dump(contents.parts[0], f)
+    except OSError as exc:
+        raise DistdrgnError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _layout(c: PickleContents) -> tuple:

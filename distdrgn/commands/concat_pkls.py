@@ -14,15 +14,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from distdrgn.errors import DistdrgnError
     from distdrgn.pickles import check_output, concat_pkls, write_pickle_contents
 
     out = check_output(args.out, args.force)
     result = concat_pkls(args.inputs)
-    try:
-        write_pickle_contents(out, result)
-    except OSError as exc:
-        raise DistdrgnError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    write_pickle_contents(out, result)
     print(f"concatenated {len(args.inputs)} pickles: {result.describe()}")
     print(f"wrote {out}")
     return 0

@@ -15,15 +15,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from distdrgn.errors import DistdrgnError
     from distdrgn.pickles import check_output, filter_pkl, write_pickle_contents
 
     out = check_output(args.out, args.force)
     result, idx, n = filter_pkl(args.input, args.ind)
-    try:
-        write_pickle_contents(out, result)
-    except OSError as exc:
-        raise DistdrgnError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    write_pickle_contents(out, result)
     print(f"kept {idx.size} of {n} rows: {result.describe()}")
     print(f"wrote {out}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -43,15 +42,9 @@ def main(args: argparse.Namespace) -> int:
     from distdrgn.errors import DistdrgnError
     from distdrgn.formats.ind import save_indices
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise DistdrgnError(f"{out}: is a directory; -o takes the name of the IND.pkl file to write")
-    if out.exists() and not args.force:
-        raise DistdrgnError(f"{out}: already exists; use --force to overwrite")
-    if not out.parent.is_dir():
-        raise DistdrgnError(f"{out}: output directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise DistdrgnError(f"{out}: output directory {out.parent} is not writable")
+    from distdrgn.pickles import check_output
+
+    out = check_output(args.out, args.force)
     if args.random is not None:
         return _main_random(args, out)
     for opt, value in (("--n-particles", args.n_particles), ("-s/--save-rest", args.save_rest)):

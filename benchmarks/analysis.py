@@ -16,6 +16,9 @@ Steps:
   knn_graph   exact kNN (k = 10) + pruning (avg 5 neighbours) + symmetric CSR graph, then
               Dijkstra between 3 anchors on it; each part timed (knn_s, prune_s, dijkstra_s)
   graph_traversal  the whole ``graph_traversal()`` call (what the command does)
+  helix_traversal  ``graph_traversal()`` on a noisy helix in 8-D (:func:`helix_latents`), anchored
+              at the first, middle and last particle along it: ordinary particles, some in the
+              noise tail, which a distance cut alone left without any edge (issue 16)
   kmeans      faiss k-means, K = 20, then the on-data centres
   pca         streaming PCA fit + projection of all latents
   umap        UMAP fitted on 50,000 latents, the rest placed with ``transform``
@@ -49,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STEPS = ("knn_graph", "graph_traversal", "kmeans", "pca", "umap", "analyze", "analyze_no_umap")
+STEPS = ("knn_graph", "graph_traversal", "helix_traversal", "kmeans", "pca", "umap", "analyze", "analyze_no_umap")
 ZDIM = 8
 
 
@@ -77,13 +80,32 @@ def synthetic_latents(n: int, zdim: int = ZDIM, seed: int = 0) -> tuple[np.ndarr
     return z.astype(np.float32), anchors
 
 
+def helix_latents(n: int, zdim: int = ZDIM, seed: int = 0, turns: float = 3.0,
+                  noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(z (n, zdim) float32, anchors (3,) int64): a noisy helix in zdim-D, one continuous motion.
+
+    The helix (radius 1, ``turns`` turns, height 2) is rotated into zdim dimensions at random
+    and isotropic noise (std ``noise``) is added to every coordinate. The anchors are the
+    particles with the smallest, median and largest helix parameter: ordinary particles,
+    noise included, as a user picks them (first, middle and last along the motion).
+    """
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0.0, 1.0, n)
+    helix = np.stack([np.cos(2 * np.pi * turns * t), np.sin(2 * np.pi * turns * t), 2.0 * t - 1.0], axis=1)
+    basis, _ = np.linalg.qr(rng.normal(size=(zdim, zdim)))
+    z = helix @ basis[:3] + noise * rng.normal(size=(n, zdim))
+    order = np.argsort(t)
+    anchors = order[[0, n // 2, n - 1]]
+    return z.astype(np.float32), anchors.astype(np.int64)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def run_step(step: str, n: int, workdir: Path) -> dict:
     """Run one step in this process; returns its timings (s) and peak RSS (MB)."""
-    z, anchors = synthetic_latents(n)
+    z, anchors = helix_latents(n) if step == "helix_traversal" else synthetic_latents(n)
     from distdrgn.analysis import graph, latent
 
     if step == "umap":
@@ -107,6 +129,10 @@ def run_step(step: str, n: int, workdir: Path) -> dict:
     elif step == "graph_traversal":
         res = graph.graph_traversal(z, anchors)
         info = {"hops": res.hops, "backend": res.backend}
+    elif step == "helix_traversal":
+        res = graph.graph_traversal(z, anchors)
+        info = {"hops": res.hops, "backend": res.backend, "anchors": [int(a) for a in anchors],
+                "edges": res.n_edges, "length": round(res.length, 3)}
     elif step == "kmeans":
         _labels, centroids = latent.kmeans(z, 20)
         latent.nearest_on_data(z, centroids)

@@ -32,7 +32,12 @@ per rank (column "≥2x target"; "-" for box sizes without a target).
 
     .venv/bin/python benchmarks/loader_throughput.py [--D 128 256] [--dtype float32 float16]
         [--n N [N ...]] [--workers 0 1 2 4] [--cache cold warm] [--repeat 3] [--batch-size 64] [--world-size 1]
-        [--rank 0] [--window 4] [--root DIR] [--keep] [--json benchmarks/loader_throughput.json]
+        [--rank 0] [--window 4] [--verify-chunks on off] [--root DIR] [--keep]
+        [--json benchmarks/loader_throughput.json]
+
+``--verify-chunks``: ``on`` (the default, what training does) checks every chunk's crc32c as it
+is read; ``off`` reads unchecked (``data.allow_unverified=true``); ``on off`` measures both
+(column "checksums").
 
 Default sizes: 20,000 images at D=128 and 6,000 at D=256 (1.3 and 1.6 GB in float32);
 other D get about as many bytes. Stores are built in a temporary directory under ``--root``
@@ -215,7 +220,7 @@ def _own_cpu_seconds() -> float:
 
 
 def time_epoch(store_path: Path, *, world_size: int, rank: int, batch_size: int, num_workers: int, window: int,
-               seed: int = 0, epoch: int = 0) -> dict:
+               seed: int = 0, epoch: int = 0, verify_chunks: bool = True) -> dict:
     """Stream rank ``rank``'s batches of one epoch through the training loader; time it.
 
     Also returns ``others_cpu``: the fraction of the machine's CPU time during the epoch
@@ -229,7 +234,7 @@ def time_epoch(store_path: Path, *, world_size: int, rank: int, batch_size: int,
     busy0, total0 = _machine_busy()
     own0 = _own_cpu_seconds()
     t0 = time.perf_counter()
-    store = ParticleStore.open(store_path)
+    store = ParticleStore.open(store_path, verify_chunks=verify_chunks)
     meta = Metadata.from_store(store)
     order = GlobalOrder([store.chunk_range(c) for c in range(store.n_chunks)], seed=seed, epoch=epoch,
                         window_chunks=window)
@@ -239,7 +244,7 @@ def time_epoch(store_path: Path, *, world_size: int, rank: int, batch_size: int,
     first_batch = None
     checksum = 0.0
     for batch in stream_batches(str(store.path), store.D, order, schedule, rank, meta, num_workers=num_workers,
-                                pin_memory=torch.cuda.is_available(), stats=stats):
+                                pin_memory=torch.cuda.is_available(), stats=stats, verify_chunks=verify_chunks):
         if first_batch is None:
             first_batch = time.perf_counter() - t0
         images += len(batch.indices)
@@ -277,9 +282,10 @@ def measure_store(store: Path, D: int, dtype: str, args, worker_counts: list[int
     rows = []
     can_drop = hasattr(os, "posix_fadvise")
     states = [c for c in ("cold", "warm") if c in args.cache]  # a cold run is the warm run's warm-up
-    for w in worker_counts:
+    for w, verify in ((w, v) for w in worker_counts for v in args.verify_chunks):
+        epoch_args["verify_chunks"] = verify == "on"
         for cache in states:
-            row = {**base, "workers": w, "cache": cache, "gpu_target_images_per_s": target,
+            row = {**base, "workers": w, "cache": cache, "verify_chunks": verify == "on", "gpu_target_images_per_s": target,
                    "required_images_per_s": None if target is None else LOADER_FACTOR * target}
             if cache == "cold" and not can_drop:
                 rows.append({**row, "skipped": "os.posix_fadvise is not available on this platform"})
@@ -303,25 +309,26 @@ def measure_store(store: Path, D: int, dtype: str, args, worker_counts: list[int
             row["others_cpu_all"] = [r["others_cpu"] for r in runs]
             row["meets_2x_target"] = None if target is None else bool(best["images_per_s"] >= LOADER_FACTOR * target)
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("D", "dtype", "workers", "cache", "images_per_s_all", "mb_per_s",
+            print(json.dumps({k: row[k] for k in ("D", "dtype", "workers", "cache", "verify_chunks", "images_per_s_all", "mb_per_s",
                                                   "others_cpu_all")}), flush=True)
     return rows
 
 
 # ---- report --------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    lines = [("| D | dtype | N | workers | page cache | images/s (best) | images/s (median) | MB/s read | epoch (s) "
-              "| others' CPU | GPU target (img/s) | ≥2x target |"),
-             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [("| D | dtype | N | workers | checksums | page cache | images/s (best) | images/s (median) | MB/s read "
+              "| epoch (s) | others' CPU | GPU target (img/s) | ≥2x target |"),
+             "| ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         target = "-" if r["gpu_target_images_per_s"] is None else f"{r['gpu_target_images_per_s']:,}"
+        checked = "checked" if r.get("verify_chunks", True) else "unchecked"
         if "skipped" in r:
-            lines.append(f"| {r['D']} | {r['dtype']} | {r['n']:,} | {r['workers']} | {r['cache']} | - | - | - | - | - "
-                         f"| {target} | skipped: {r['skipped']} |")
+            lines.append(f"| {r['D']} | {r['dtype']} | {r['n']:,} | {r['workers']} | {checked} | {r['cache']} | - | - | - "
+                         f"| - | - | {target} | skipped: {r['skipped']} |")
             continue
         ok = "-" if r["meets_2x_target"] is None else ("pass" if r["meets_2x_target"] else "fail")
         others = "-" if r["others_cpu"] is None else f"{100 * r['others_cpu']:.0f}%"
-        lines.append(f"| {r['D']} | {r['dtype']} | {r['n']:,} | {r['workers']} | {r['cache']} "
+        lines.append(f"| {r['D']} | {r['dtype']} | {r['n']:,} | {r['workers']} | {checked} | {r['cache']} "
                      f"| {r['images_per_s']:,.0f} | {r['images_per_s_median']:,.0f} | {r['mb_per_s']:,.0f} "
                      f"| {r['seconds']:.2f} | {others} | {target} | {ok} |")
     return "\n".join(lines)
@@ -343,6 +350,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--world-size", type=int, default=1, help="play one rank of this many")
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--window", type=int, default=4, help="train.shuffle_chunks")
+    ap.add_argument("--verify-chunks", nargs="+", choices=("on", "off"), default=["on"],
+                    help="check each chunk's crc32c as it is read (on, what training does) or not (off: "
+                         "data.allow_unverified=true); 'on off' measures both")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()), help="where the stores are built")
     ap.add_argument("--keep", action="store_true", help="keep the stores (printed) instead of deleting them")
     ap.add_argument("--json", type=Path, default=HERE / "loader_throughput.json")

@@ -38,7 +38,7 @@ from distdrgn.engine import build_engine  # noqa: E402
 from distdrgn.errors import DistdrgnError  # noqa: E402
 from distdrgn.model import CryoDRGN, ModelInfo  # noqa: E402
 from distdrgn.objective import Batch, Preprocess  # noqa: E402
-from distdrgn.simulate import random_rotations  # noqa: E402
+from distdrgn.lattice import random_rotations  # noqa: E402
 from distdrgn.train import Runtime, choose_kernels, train_step  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--D", type=int, nargs="+", default=[64, 128, 256], help="box sizes")
     p.add_argument("--batch-size", type=int, nargs="+", default=[16, 64], help="images per step")
-    p.add_argument("--kernels", nargs="+", default=["torch", "fused"], choices=["torch", "fused", "auto"])
+    p.add_argument("--kernels", nargs="+", default=["torch", "fused"], choices=["torch", "fused", "compile", "auto"])
     p.add_argument("--steps", type=int, default=30, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (Triton compiles here)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -113,7 +113,7 @@ class PseudoAtomicModel:
 
 
 @lru_cache(maxsize=8)
-def build_model(seed: int = 0) -> PseudoAtomicModel:
+def pseudo_atomic_model(seed: int = 0) -> PseudoAtomicModel:
     """The test particle, deterministic for a given ``seed`` (independent of box size)."""
     rng = np.random.default_rng(seed)
     core, arm, sub = (_fill_ellipsoid(d, rng) for d in (CORE, ARM, SUBUNIT))

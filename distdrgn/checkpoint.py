@@ -18,22 +18,27 @@ A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
     {"format": "distdrgn-weights", "version": 2, "epoch": N,
      "model_state_dict", "optimizer_state_dict", "scaler_state_dict",
      "model_info": ModelInfo fields, "preprocess": Preprocess fields,
-     "config": resolved config dict, "store": {"path", "n", "D", "apix"}}
+     "config": resolved config dict, "store": {"path", "n", "D", "apix"},
+     "subset": None or {"path", "n"} (data.ind)}
 
-plus, in a step checkpoint, ``"position": {"epoch": E, "consumed": C, "sums": [loss, mse,
-kl, images], "seconds": S}`` (the epoch's running totals over all ranks and its time so far,
-for its loss.csv row). Version 1 checkpoints (distdrgn 0.1) number epochs from 0;
-:func:`load_weights` returns them with 1-based epochs.
+plus, in a step checkpoint, ``"position"``: a :class:`DataPosition` as a dict (the epoch,
+the images of its global order consumed, the epoch's running loss totals over all ranks and
+its seconds so far, for its loss.csv row). Version 1 checkpoints (distdrgn 0.1) number epochs
+from 0; :func:`load_weights` returns them with 1-based epochs.
 No RNG state is stored: the trainer reseeds before every step from (seed, epoch, consumed,
-rank), so the data position determines the random numbers too.
+rank), so the data position determines the random numbers too. Files are created with the
+user's umask (as ``open`` would), so colleagues sharing a project folder can read them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +57,46 @@ STEP_DIR = "checkpoints"
 KEEP_STEP_CHECKPOINTS = 2
 
 
+@dataclass(frozen=True)
+class DataPosition:
+    """Where training stands: ``consumed`` images of epoch ``epoch``'s global order
+    (:mod:`distdrgn.loader`), and that epoch's running totals so far: ``sums`` = image-weighted
+    (loss, mse, kl) and the image count over all ranks, ``seconds`` of training."""
+
+    epoch: int  # from 1
+    consumed: int = 0
+    sums: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    seconds: float = 0.0
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: dict | None) -> DataPosition:
+        """Where a run resumes from ``ckpt``: inside an epoch (a step checkpoint), at the
+        start of the epoch after a ``weights.N.pkl``, or at epoch 1 without one."""
+        if ckpt is None:
+            return cls(1)
+        if "position" in ckpt:
+            p = ckpt["position"]
+            return cls(int(p["epoch"]), int(p["consumed"]), tuple(float(v) for v in p["sums"]), float(p["seconds"]))
+        return cls(int(ckpt["epoch"]) + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sums": list(self.sums)}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` through a temporary file in its folder, fsync, rename: all or nothing.
+
+    A failed write (a full disk, a quota) raises DistdrgnError and leaves the previous
+    files as they were."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the user's umask like any file
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -66,9 +108,17 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "inline_container" in str(exc)):
+            # torch.save reports a short write as "[enforce fail at inline_container.cc] unexpected pos"
+            free = shutil.disk_usage(path.parent).free
+            why = "no space left on the device" if getattr(exc, "errno", None) == errno.ENOSPC or free < 1 << 20 \
+                else str(exc).splitlines()[0]
+            raise DistdrgnError(f"{path}: cannot write it ({why}; {free / 2**20:.0f} MiB free in {path.parent}); "
+                                "the earlier files are intact: free space, then rerun the same command to "
+                                "resume") from None
         raise
 
 
@@ -224,13 +274,12 @@ def load_latest(run_dir: Path, warn=None, quarantine: bool = True) -> tuple[dict
     return None, None
 
 
-def save_step_checkpoint(run_dir: Path, epoch: int, consumed: int, payload: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step.E.C.pkl`` atomically and delete all but the newest
-    :data:`KEEP_STEP_CHECKPOINTS` step checkpoints."""
-    path = step_checkpoint_path(run_dir, epoch, consumed)
+def save_step_checkpoint(run_dir: Path, position: DataPosition, payload: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step.E.C.pkl`` for ``position`` atomically and delete all but the
+    newest :data:`KEEP_STEP_CHECKPOINTS` step checkpoints."""
+    path = step_checkpoint_path(run_dir, position.epoch, position.consumed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(path, {**payload, "epoch": epoch, "position": {"epoch": epoch, "consumed": consumed,
-                                                                **payload.get("position", {})}})
+    save_weights(path, {**payload, "epoch": position.epoch, "position": position.to_dict()})
     steps = [p for _, p in resume_points(run_dir) if p.parent.name == STEP_DIR]
     for old in steps[KEEP_STEP_CHECKPOINTS:]:
         old.unlink(missing_ok=True)

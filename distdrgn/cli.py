@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ingest", "convert particle stacks, poses and CTF into a Zarr particle store"),
     "store": ("store", "inspect, verify or export a particle store"),
     "train": ("train", "train a cryoDRGN VAE (or homogeneous model) from a config file"),
+    "config": ("config", "print a packaged training config (tiny, default, large) with its comments"),
     "eval-vol": ("eval_vol", "evaluate volumes from a trained model at given latents"),
     "encode": ("encode", "compute latents for the particles of a store with a trained model"),
     "analyze": ("analyze", "PCA, k-means and representative volumes of a trained run"),
@@ -38,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gen-mask": ("gen_mask", "soft mask of a volume: threshold, dilation, cosine edge"),
     "flip-hand": ("flip_hand", "invert the handedness of a volume (mirror along z)"),
     "downsample-vol": ("downsample_vol", "Fourier-crop a volume to a smaller box (voxel size scaled)"),
+    "dashboard": ("dashboard", "explore a trained run in the browser: scatter, lasso selection, volumes, trajectories"),
+    "analyze-landscape": ("analyze_landscape", "volumes at many k-means centres: mask, PCA and clustering of volume space"),
     "bench": ("bench", "run a throughput benchmark (train, loader, knn) from benchmarks/"),
 }
 

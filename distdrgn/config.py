@@ -1,7 +1,9 @@
 """The training configuration: typed dataclasses loaded from YAML with dotted overrides.
 
-A config file has the sections ``data``, ``output``, ``model``, ``train`` and ``metrics``;
-any key left out takes the default below (cryoDRGN's defaults). Command-line overrides are
+A config file has the sections ``data``, ``output``, ``model``, ``train``, ``metrics`` and
+``debug``; any key left out takes the default below (cryoDRGN's defaults). The named configs
+``tiny``, ``default`` and ``large`` ship inside the package (``distdrgn/configs/``) and are
+found by name; ``distdrgn config NAME`` prints one with its comments. Command-line overrides are
 ``section.key=value`` with the value parsed as YAML (``train.epochs=3``, ``data.level=64``,
 ``metrics.port=null``). Unknown keys and values of the wrong type are reported as one-line
 :class:`~distdrgn.errors.DistdrgnError` messages naming the file or override.
@@ -20,6 +22,7 @@ from typing import Any
 import yaml
 
 from distdrgn.errors import DistdrgnError
+from distdrgn.kernels import KERNEL_CHOICES  # the decoder paths are defined once, where they are chosen
 
 PE_TYPES = ("gaussian", "geom_ft", "geom_full", "geom_lowf", "geom_nohighf", "linear_lowf", "none")
 DOMAINS = ("fourier", "hartley")
@@ -58,7 +61,7 @@ class ModelConfig:
     pe_dim: int | None = None  # None = D/2
     feat_sigma: float = 0.5  # std of the gaussian frequencies, in units of D/2
     domain: str = "fourier"  # fourier (real, imag outputs; Hermitian) | hartley (one output)
-    kernels: str = "auto"  # auto (fused on CUDA with Triton) | fused (Triton kernels) | torch (the reference)
+    kernels: str = "auto"  # auto (fused on CUDA with Triton) | fused (Triton kernels) | compile (torch.compile) | torch (the reference)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class TrainConfig:
     log_every: int = 50  # steps between progress log lines in run.log
     max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/inf loss or gradient
     load: str | None = None  # start from these weights (a weights.N.pkl of a distdrgn run; cryoDRGN --load)
+    cuda_graphs: bool = False  # capture the training step in a CUDA graph (one GPU process, train.engine=ddp)
     analyze: bool = True  # run `distdrgn analyze` on the final epoch when training ends (as cryoDRGN 4.3.1)
 
 
@@ -91,16 +95,28 @@ class MetricsConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Instrumentation for fault drills and exactly-once checks; inert at the defaults."""
+
+    trace_samples: str | None = None  # folder: each process appends samples.PID.jsonl (resume point, each step's ids)
+    step_delay_s: float = 0.0  # sleep after every step (slows a run down so that a drill can act mid-epoch)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+PACKAGED = Path(__file__).resolve().parent / "configs"  # tiny.yaml, default.yaml, large.yaml
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -140,8 +156,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
-    if section not in {f.name for f in dataclasses.fields(Config)}:
-        raise DistdrgnError(f"{source}: unknown config section '{section}' (expected data, output, model, train, metrics)")
+    if section not in SECTIONS:
+        raise DistdrgnError(f"{source}: unknown config section '{section}' (expected {', '.join(SECTIONS)})")
     sub = getattr(cfg, section)
     hints = typing.get_type_hints(type(sub))
     if key not in hints:
@@ -159,7 +175,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
     checks = [
         (cfg.model.pe_type in PE_TYPES, f"model.pe_type must be one of {', '.join(PE_TYPES)}"),
         (cfg.model.domain in DOMAINS, f"model.domain must be one of {', '.join(DOMAINS)}"),
-        (cfg.model.kernels in ("auto", "fused", "torch"), "model.kernels must be one of auto, fused, torch"),
+        (cfg.model.kernels in KERNEL_CHOICES, f"model.kernels must be one of {', '.join(KERNEL_CHOICES)}"),
         (cfg.model.encoder in ENCODERS, f"model.encoder must be one of {', '.join(ENCODERS)}"),
         (cfg.train.engine in ENGINES, f"train.engine must be one of {', '.join(ENGINES)}"),
         (cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3"),
@@ -167,6 +183,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.train.grad_comm_dtype in ("fp32", "bf16"), "train.grad_comm_dtype must be fp32 or bf16"),
         (str(cfg.train.amp).lower() in AMP_MODES, "train.amp must be auto, true or false"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (not (cfg.train.cuda_graphs and cfg.train.device == "cpu"),
+         "train.cuda_graphs=true needs a CUDA device (train.device=cpu); set train.cuda_graphs=false"),
         (cfg.model.zdim >= 0, "model.zdim must be >= 0"),
         (cfg.model.enc_dim > 0 and cfg.model.dec_dim > 0, "model.enc_dim and model.dec_dim must be > 0"),
         (cfg.model.enc_layers >= 0 and cfg.model.dec_layers >= 0, "model.enc_layers and model.dec_layers must be >= 0"),
@@ -179,6 +197,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
         (cfg.train.shuffle_chunks >= 1, "train.shuffle_chunks must be >= 1"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+        (cfg.debug.step_delay_s >= 0, "debug.step_delay_s must be >= 0"),
         (cfg.data.level is None or (cfg.data.level >= 4 and cfg.data.level % 2 == 0), "data.level must be even and >= 4"),
         (0 < cfg.data.window_inner < cfg.data.window_outer, "data.window_inner must be in (0, data.window_outer)"),
         (cfg.metrics.port is None or 1 <= cfg.metrics.port <= 65535,
@@ -230,19 +249,43 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``tiny``, ``default``, ``large``)."""
+    return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: an existing path, else a packaged config by name (``large`` or
+    ``large.yaml``, as ``configs/large.yaml`` in a checkout)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = PACKAGED / f"{path.stem}.yaml"
+    if path.parent in (Path("."), Path("configs")) and path.suffix in ("", ".yaml") and packaged.is_file():
+        return packaged
+    raise DistdrgnError(f"{name_or_path}: config file not found (named configs: {', '.join(packaged_configs())})")
+
+
+def split_config_arguments(args: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [section.key=value ...]`` -> (config or None, overrides): the first argument is
+    the config unless it is an override (``section.key=...`` and no file of that name)."""
+    if args and not ("=" in args[0] and not Path(args[0]).is_file()):
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate.
 
-    Relative ``data.store`` and ``output.dir`` paths in a file are taken relative to the
-    current directory (as on the command line), not to the file.
+    ``path`` may name a packaged config (:func:`config_path`). Relative ``data.store`` and
+    ``output.dir`` paths in a file are taken relative to the current directory (as on the
+    command line), not to the file.
     """
     data = None
     source = "config"
     if path is not None:
-        path = Path(path)
+        path = config_path(path)
         source = str(path)
-        if not path.is_file():
-            raise DistdrgnError(f"{path}: config file not found")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -262,3 +305,28 @@ def dump_config(cfg: Config) -> str:
     from distdrgn.checkpoint import RUN_FORMAT
 
     return yaml.safe_dump({"run_format": RUN_FORMAT, **cfg.to_dict()}, sort_keys=False)
+
+
+# what `train --help` shows of each section: the keys most runs set
+MOST_USED = {
+    "data": ("store", "level", "ind", "invert"),
+    "output": ("dir",),
+    "model": ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "kernels"),
+    "train": ("epochs", "batch_size", "lr", "engine", "amp", "checkpoint_every_steps", "num_workers", "load"),
+    "metrics": ("port",),
+    "debug": ("trace_samples", "step_delay_s"),
+}
+
+
+def describe_keys() -> str:
+    """The sections and their most used keys with defaults, for ``train --help``."""
+    lines = []
+    for section in SECTIONS:
+        sub = getattr(Config(), section)
+        names = [f.name for f in dataclasses.fields(sub)]
+        shown = [k for k in MOST_USED.get(section, ()) if k in names]
+        text = " ".join(f"{k}={yaml.safe_dump(getattr(sub, k), default_flow_style=True).strip().removesuffix('...').strip()}"
+                        for k in shown)
+        more = f" (+{len(names) - len(shown)} more)" if len(names) > len(shown) else ""
+        lines.append(f"  {section + '.':9s}{text}{more}")
+    return "\n".join(lines)

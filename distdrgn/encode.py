@@ -3,8 +3,7 @@
 Used at training checkpoints (distributed: each rank encodes a contiguous segment of the
 store and the segments are gathered in rank order, which is store order) and by
 ``distdrgn encode`` for any store with poses (the encoder input is the translated image).
-Images are read by the training reader (:func:`distdrgn.loader.stream_batches`) over the
-store order (``GlobalOrder(shuffle=False)``) with a :class:`~distdrgn.loader.SegmentSchedule`.
+Images are read by the training reader in store order (:func:`distdrgn.loader.encoding_batches`).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from distdrgn.errors import DistdrgnError
-from distdrgn.loader import DevicePrefetcher, GlobalOrder, Metadata, SegmentSchedule, stream_batches
+from distdrgn.loader import Metadata, SegmentSchedule, encoding_batches
 from distdrgn.model import CryoDRGN
 from distdrgn.objective import Preprocess, prepare_targets
 
@@ -33,30 +32,36 @@ def encode_segment(
     amp_dtype: torch.dtype | None = None,
     progress=None,
     keep: np.ndarray | None = None,
+    meta: Metadata | None = None,
+    verify_chunks: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (n_r, zdim) z_mu and z_logvar (float32, on ``device``) of its segment.
 
     ``keep``: sorted store positions to encode (``data.ind``); the segments then cover those
-    particles only, in store order."""
+    particles only, in store order. ``meta``: the store's poses and CTF if already loaded.
+    ``amp_dtype``: the training precision; the encoder runs in float32 regardless (autocast off)."""
     device = torch.device(device)
     if model.zdim == 0:
         raise DistdrgnError("the model is homogeneous (zdim = 0): there are no latents to encode")
     if store.D != prep.D:
         raise DistdrgnError(f"{store.path}: images are {store.D} px but the model was trained at {prep.D} px (choose the store level)")
-    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
-    order = GlobalOrder(chunks, seed=0, epoch=0, window_chunks=1, shuffle=False, keep=keep)
-    schedule = SegmentSchedule(order.n, world_size, batch_size)
-    batches = stream_batches(str(store.path), store.D, order, schedule, rank, Metadata.from_store(store),
-                             num_workers=num_workers, pin_memory=device.type == "cuda")
+    _, batches = encoding_batches(store, meta or Metadata.from_store(store), rank=rank, world_size=world_size,
+                                  batch_size=batch_size, device=device, keep=keep, num_workers=num_workers,
+                                  verify_chunks=verify_chunks)
     mus, logvars = [], []
+    # DeepSpeed's bf16 engine holds bf16 parameters: float32 copies, made once (no copy when
+    # they already are float32), so the encoder runs in float32 without autocast
+    params = {name: p.float() for name, p in model.encoder.named_parameters()}
     was_training = model.training
     model.eval()
-    for batch in DevicePrefetcher(batches, device):
+    for batch in batches:
         if len(batch.indices) == 0:  # the last step of a rank whose segment is one image shorter
             continue
         targets = prepare_targets(batch, prep, model.lattice)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            mu, logvar = model.encode(targets.y_enc)
+        # float32 whatever the training precision: the latents are a result (z.N.pkl), and the
+        # encoder is < 0.1% of a training step's work, so bf16 would save nothing worth the rounding
+        with torch.autocast(device.type, enabled=False):
+            mu, logvar = torch.func.functional_call(model.encoder, params, (targets.y_enc.float(),))
         mus.append(mu.float())
         logvars.append(logvar.float())
         if progress is not None:

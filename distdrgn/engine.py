@@ -18,10 +18,7 @@ calls it); ``load_state_dict()`` is called by every rank with the same checkpoin
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distdrgn.errors import DistdrgnError
+
+if TYPE_CHECKING:
+    from distdrgn.runtime import Runtime
 
 DEEPSPEED_INSTALL_HINT = 'pip install --no-build-isolation "deepspeed>=0.16,<0.20" (after torch)'
 
@@ -42,7 +42,7 @@ def deepspeed_import_error() -> str | None:
     return None
 
 
-def _import_deepspeed():
+def import_deepspeed():
     reason = deepspeed_import_error()
     if reason is not None:
         raise DistdrgnError(f"train.engine=deepspeed: DeepSpeed cannot be imported ({reason}); install it with "
@@ -50,53 +50,6 @@ def _import_deepspeed():
     import deepspeed
 
     return deepspeed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_process_group(engine: str, backend: str, device: torch.device | None, world_size: int) -> None:
-    """Join the process group from torchrun's (or the DeepSpeed launcher's) env vars.
-
-    DeepSpeed gets its own ``deepspeed.init_distributed`` (which wraps torch.distributed) and
-    needs a group even for one process, so a single DeepSpeed process gets a 1-rank group
-    on a free local port.
-    """
-    if dist.is_initialized():
-        return
-    if engine == "deepspeed":
-        deepspeed = _import_deepspeed()
-        single = {}
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            single = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-            os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it
-        saved = {k: os.environ.get(k) for k in single}
-        os.environ.update(single)
-        try:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        finally:
-            for k, v in saved.items():  # the group exists now; leave the environment as it was
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    elif world_size > 1:
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-
-
-def close_process_group() -> None:
-    """Leave the process group; also drop DeepSpeed's cached groups so a later run in the same
-    process (tests, notebooks) does not use the destroyed ones."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is not None:
-        for name, value in list(vars(groups).items()):
-            if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")) and name.isupper():
-                setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 class Engine:
@@ -168,8 +121,11 @@ class DDPEngine(Engine):
         self.optimizer = build_optimizer(model, cfg, fused=True)
         if runtime.world_size > 1:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            # broadcast_buffers=False: the buffers (positional-encoding frequencies, lattice
+            # coordinates) are constants built from the seed and D, identical on every rank by
+            # construction, so re-sending them before every forward would only cost time
             self.wrapped = DistributedDataParallel(model, device_ids=device_ids,
-                                                   bucket_cap_mb=cfg.train.bucket_cap_mb)
+                                                   bucket_cap_mb=cfg.train.bucket_cap_mb, broadcast_buffers=False)
             if cfg.train.grad_comm_dtype == "bf16":
                 self.wrapped.register_comm_hook(None, bf16_allreduce_hook)
         else:
@@ -234,22 +190,30 @@ def deepspeed_config(cfg, runtime) -> dict[str, Any]:
 class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` around the model and our Adam.
 
-    With bf16 (GPU) DeepSpeed keeps bf16 parameters and fp32 master weights; buffers (the
-    positional-encoding frequencies) stay fp32. The training step still runs under
-    ``torch.autocast`` so fp32 inputs meet bf16 weights as in the DDP path.
+    With bf16 (GPU) DeepSpeed keeps bf16 parameters and fp32 master weights. Buffers (the
+    positional-encoding frequencies, the lattice coordinates) stay float32 whatever the
+    DeepSpeed version: before 0.19.2 ``deepspeed.initialize`` casts the whole module with
+    ``module.bfloat16()``, buffers included (frequencies of up to ~D rounded to 8 bits), so
+    the float32 originals are put back after it (:func:`restore_buffers`). The training step
+    still runs under ``torch.autocast`` so fp32 inputs meet bf16 weights as in the DDP path.
+    The non-finite skip is decided on the device (:meth:`step_unless`), as in :class:`DDPEngine`.
     """
 
     name = "deepspeed"
 
     def __init__(self, model: nn.Module, cfg, runtime):
-        deepspeed = _import_deepspeed()
+        deepspeed = import_deepspeed()
         self.zero_stage = cfg.train.zero_stage
         self.ds_config = deepspeed_config(cfg, runtime)
-        optimizer = build_optimizer(model, cfg)
+        # fused: the Adam that DeepSpeed steps (ours, or ours on the fp32 partitions under ZeRO)
+        # can then skip a step on a device-side flag, without a host read (step_unless)
+        optimizer = build_optimizer(model, cfg, fused=True)
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.module = self.ds.module
+        restore_buffers(self.module, buffers)
         self.client_optimizer = optimizer
         self._names = [n for n, _ in self.module.named_parameters()]
 
@@ -266,6 +230,16 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> None:
         self.ds.step()
+
+    def step_unless(self, nonfinite: torch.Tensor) -> None:
+        # the fused torch Adam that DeepSpeed steps skips every update (and the step count)
+        # where found_inf is 1, on the device: no host read of the flag
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        base.found_inf = nonfinite
+        try:
+            self.ds.step()
+        finally:
+            del base.found_inf
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
@@ -349,6 +323,17 @@ class DeepSpeedEngine(Engine):
         link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # per-parameter views into the new state (what safe_set_* writes through)
             link()
+
+
+def restore_buffers(module: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Put back every buffer whose dtype changed (a cast to bf16) from its float32 original,
+    on the buffer's current device; the originals are exact, an up-cast of the bf16 would not be."""
+    for name, buf in list(module.named_buffers()):
+        orig = originals.get(name)
+        if orig is not None and buf.dtype != orig.dtype:
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            owner._buffers[attr] = orig.to(buf.device)
 
 
 def build_engine(model: nn.Module, cfg, runtime) -> Engine:

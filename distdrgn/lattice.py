@@ -79,8 +79,30 @@ class Lattice:
 
 
 def rotate_coords(coords: torch.Tensor, rots: torch.Tensor) -> torch.Tensor:
-    """Slice coordinates: (P, 3) lattice points and (B, 3, 3) rotations -> (B, P, 3) = coords @ R."""
-    return coords.to(rots.dtype) @ rots
+    """Slice coordinates: (P, 3) lattice points and (B, 3, 3) rotations -> (B, P, 3) = coords @ R.
+
+    At least float32 (float64 stays float64), with autocast off: under bf16 autocast the
+    product would round the coordinates to 8 bits of mantissa (~2e-3 at |k| = 0.5), which the
+    positional encoding multiplies by frequencies of up to ~D: phase errors of 0.1 rad and more.
+    """
+    dtype = torch.float64 if torch.float64 in (coords.dtype, rots.dtype) else torch.float32
+    with torch.autocast(rots.device.type, enabled=False):
+        return coords.to(rots.device, dtype) @ rots.to(dtype)
+
+
+def random_rotations(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, 3, 3) float64 rotations uniform on SO(3) (normalised Gaussian quaternions)."""
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    q = q / q.norm(dim=1, keepdim=True)
+    w, x, y, z = q.unbind(1)
+    return torch.stack(
+        [
+            torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        1,
+    )
 
 
 def mirror_values(values: torch.Tensor) -> torch.Tensor:

@@ -253,8 +253,10 @@ class ChunkDataset(Dataset):
     process; every item is one whole-chunk read.
     """
 
-    def __init__(self, store_path: str, level: int | None, order: GlobalOrder, reads: list[int]):
+    def __init__(self, store_path: str, level: int | None, order: GlobalOrder, reads: list[int],
+                 verify_chunks: bool = True):
         self.store_path, self.level, self.order, self.reads = str(store_path), level, order, reads
+        self.verify_chunks = verify_chunks  # check each chunk's crc32c (False: data.allow_unverified)
         self._store = None
 
     def __getstate__(self):
@@ -267,7 +269,7 @@ class ChunkDataset(Dataset):
         if self._store is None:
             from distdrgn.store import ParticleStore
 
-            self._store = ParticleStore.open(self.store_path, level=self.level)
+            self._store = ParticleStore.open(self.store_path, level=self.level, verify_chunks=self.verify_chunks)
         seq = self.reads[j]
         return seq, torch.from_numpy(self._store.raw_chunk(int(self.order.chunks[seq])))
 
@@ -298,14 +300,18 @@ def stream_batches(
     num_workers: int = 0,
     pin_memory: bool = False,
     stats: dict | None = None,
+    verify_chunks: bool = True,
+    image_size: int | None = None,
 ) -> Iterator[Batch]:
     """Yield rank ``rank``'s batch of every step of ``schedule`` (``schedule.n_steps`` batches).
 
     A batch may be empty (the epoch's last step when it has fewer images than ranks).
     ``stats``, if given, receives ``chunks_read``, ``images_read`` and ``max_held_images``.
+    The entry points for training and encoding are :func:`training_batches` and
+    :func:`encoding_batches`.
     """
     reads, last_step = plan_reads(order, schedule, rank)
-    dataset = ChunkDataset(store_path, level, order, reads)
+    dataset = ChunkDataset(store_path, level, order, reads, verify_chunks)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                         prefetch_factor=2 if num_workers else None)
     chunks = iter(loader)
@@ -326,8 +332,8 @@ def stream_batches(
             if held:
                 first = next(iter(held.values()))
                 D, dtype = first.shape[-1], first.dtype
-            else:
-                D = dataset_image_size(store_path, level)
+            else:  # no image on this rank yet (an empty first batch): the box from the caller or the store
+                D = image_size or dataset_image_size(store_path, level)
         out = torch.empty((len(pos), D, D), dtype=dtype, pin_memory=pin_memory)
         for q in needed:
             rows = np.flatnonzero(seq == q)
@@ -377,3 +383,77 @@ class DevicePrefetcher:
                     t.record_stream(current)  # the side stream's allocator must not reuse it early
         self._next = self._load()
         return batch
+
+
+# ---- the two entry points: an epoch of training, and encoding in store order ------------
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One training step of one rank: its batch (on the device) and where the step is in the
+    epoch's global order: images ``[lo, hi)`` of sigma, ``loss_weight`` = W / G."""
+
+    step: int
+    lo: int
+    hi: int
+    loss_weight: float
+    batch: Batch
+
+
+class EpochBatches:
+    """Rank ``rank``'s steps of one epoch from image ``start`` of its global order on.
+
+    Iterating yields a :class:`StepBatch` per step (``n_steps`` of them, the same number on
+    every rank); ``n`` is the number of images of the epoch (the ``keep`` subset or all).
+    """
+
+    def __init__(self, store, meta: Metadata, *, seed: int, epoch: int, shuffle_chunks: int, start: int, rank: int,
+                 world_size: int, batch_size: int, device: torch.device, keep: np.ndarray | None = None,
+                 num_workers: int = 0, verify_chunks: bool = True):
+        chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
+        self.order = GlobalOrder(chunks, seed=seed, epoch=epoch, window_chunks=shuffle_chunks, keep=keep)
+        self.schedule = StepSchedule(self.order.n, start, world_size, batch_size)
+        self._batches = DevicePrefetcher(
+            stream_batches(str(store.path), store.D, self.order, self.schedule, rank, meta, num_workers=num_workers,
+                           pin_memory=device.type == "cuda", verify_chunks=verify_chunks, image_size=store.D),
+            device)
+
+    @property
+    def n(self) -> int:
+        return self.schedule.n
+
+    @property
+    def start(self) -> int:
+        return self.schedule.start
+
+    @property
+    def n_steps(self) -> int:
+        return self.schedule.n_steps
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        for step in range(self.schedule.n_steps):
+            lo, hi = self.schedule.bounds(step)
+            yield StepBatch(step, lo, hi, self.schedule.loss_weight(step), next(self._batches))
+
+
+def training_batches(store, meta: Metadata, *, seed: int, epoch: int, shuffle_chunks: int, start: int, rank: int,
+                     world_size: int, batch_size: int, device, keep: np.ndarray | None = None, num_workers: int = 0,
+                     verify_chunks: bool = True) -> EpochBatches:
+    """The training entry point: this rank's steps of ``epoch`` (module docstring, Training)."""
+    return EpochBatches(store, meta, seed=seed, epoch=epoch, shuffle_chunks=shuffle_chunks, start=start, rank=rank,
+                        world_size=world_size, batch_size=batch_size, device=torch.device(device), keep=keep,
+                        num_workers=num_workers, verify_chunks=verify_chunks)
+
+
+def encoding_batches(store, meta: Metadata, *, rank: int, world_size: int, batch_size: int, device,
+                     keep: np.ndarray | None = None, num_workers: int = 0,
+                     verify_chunks: bool = True) -> tuple[int, Iterator[Batch]]:
+    """The encoding entry point: (n, batches) of rank ``rank``'s contiguous segment of the
+    store order (module docstring, Encoding); n = images encoded over all ranks."""
+    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
+    order = GlobalOrder(chunks, seed=0, epoch=0, window_chunks=1, shuffle=False, keep=keep)
+    schedule = SegmentSchedule(order.n, world_size, batch_size)
+    device = torch.device(device)
+    return order.n, DevicePrefetcher(
+        stream_batches(str(store.path), store.D, order, schedule, rank, meta, num_workers=num_workers,
+                       pin_memory=device.type == "cuda", verify_chunks=verify_chunks, image_size=store.D), device)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distdrgn.config import ModelConfig
-from distdrgn.lattice import Lattice
+from distdrgn.lattice import Lattice, rotate_coords
 from distdrgn.objective import slice_mse
 
 
@@ -217,12 +217,16 @@ class Decoder(nn.Module):
         """
         if coords is None:
             coords = lattice.coords[lattice.mask_indices]
-        coords = coords.to(rots.device, rots.dtype)  # (n_masked, 3); no copy when already there
+        return self.slices_at(coords, lattice.n_half, rots, z)
+
+    def slices_at(self, coords: torch.Tensor, n_half: int, rots: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`slices` from the (n_masked, 3) masked coordinates and n_half (no Lattice:
+        what ``torch.compile`` traces). rots (B, 3, 3), z (B, zdim) or None -> (B, n_masked)."""
+        coords = coords.to(rots.device)  # (n_masked, 3); no copy when already there
         if self.domain == "fourier":
-            half = coords[: lattice.n_half] @ rots  # (B, n_half, 3)
-            h_pos, h_neg = self.hartley_pairs(half, z)
+            h_pos, h_neg = self.hartley_pairs(rotate_coords(coords[:n_half], rots), z)  # (B, n_half) each
             return torch.cat([h_pos, h_neg], -1)
-        return self.hartley(coords @ rots, z)
+        return self.hartley(rotate_coords(coords, rots), z)
 
     def fused_slice_mse(
         self, half_coords: torch.Tensor, rots: torch.Tensor, z: torch.Tensor | None, y: torch.Tensor,
@@ -330,7 +334,9 @@ class CryoDRGN(nn.Module):
             self.decoder = Decoder(pe, info.zdim, info.dec_dim, info.dec_hidden, info.domain)
         # moves with the model, so a training step does not copy it to the device
         self.register_buffer("slice_coords", self.lattice.coords[self.lattice.mask_indices], persistent=False)
-        self.kernels = "torch"  # "fused" routes forward(..., y=...) through distdrgn.kernels
+        # the decoder path of forward(): "torch" (reference), "fused" (distdrgn.kernels) or
+        # "compile" (the reference through torch.compile); see distdrgn.kernels.resolve_kernels
+        self.kernels = "torch"
 
     @property
     def zdim(self) -> int:
@@ -341,31 +347,71 @@ class CryoDRGN(nn.Module):
         mu, logvar = self.encoder(y_enc)
         return _full_precision(mu), _full_precision(logvar)
 
-    def forward(
-        self, rots: torch.Tensor, y_enc: torch.Tensor | None = None, sample: bool = True,
-        y: torch.Tensor | None = None, ctf: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(out, z_mu, z_logvar); z_mu and z_logvar are (B, zdim), or None when zdim = 0.
+    def _latent(self, y_enc, sample: bool):
+        """(z, mu, logvar); all None when zdim = 0. ``sample``: z = mu + exp(logvar / 2) * eps."""
+        if not self.zdim:
+            return None, None, None
+        mu, logvar = self.encode(y_enc)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        return z, mu, logvar
 
-        Without ``y``, ``out`` is the predicted slices (B, n_masked). With the observed
-        values ``y`` (and the CTF, both (B, n_masked)), ``out`` is the per-image masked MSE
-        (B,) (:func:`~distdrgn.objective.slice_mse`), through the fused kernels when
-        ``self.kernels == "fused"``. ``sample`` draws z = mu + exp(logvar / 2) * eps
-        (training); otherwise z = mu.
+    def forward(
+        self, rots: torch.Tensor, y_enc: torch.Tensor | None, sample: bool = True, *,
+        y: torch.Tensor, ctf: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The training path: (per-image MSE (B,) float32, z_mu, z_logvar).
+
+        rots (B, 3, 3), y_enc (B, n_masked) encoder input (None when zdim = 0), the observed
+        values ``y`` and the CTF (each (B, n_masked); ctf None = no CTF). The MSE is
+        :func:`~distdrgn.objective.slice_mse` of the predicted slices, through the decoder path
+        ``self.kernels``. z_mu and z_logvar are (B, zdim), or None when zdim = 0. ``sample``
+        draws z = mu + exp(logvar / 2) * eps (training); otherwise z = mu. Called through the
+        DDP / DeepSpeed wrapper, so that their hooks see it.
         """
-        mu = logvar = z = None
-        if self.zdim:
-            mu, logvar = self.encode(y_enc)
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
-        if y is not None and self.kernels == "fused":
+        z, mu, logvar = self._latent(y_enc, sample)
+        if self.kernels == "fused":
             act_dtype = torch.get_autocast_dtype(rots.device.type) if torch.is_autocast_enabled(rots.device.type) \
                 else torch.float32
             half = self.slice_coords[: self.lattice.n_half]
             return self.decoder.fused_slice_mse(half, rots, z, y, ctf, act_dtype), mu, logvar
-        pred = self.decoder.slices(self.lattice, rots, z, self.slice_coords)
-        if y is None:
-            return pred, mu, logvar
-        return slice_mse(pred, y, ctf), mu, logvar
+        if self.kernels == "compile":
+            return compiled_slice_mse()(self.decoder, self.slice_coords, self.lattice.n_half, rots, z, y, ctf), mu, logvar
+        return reference_slice_mse(self.decoder, self.slice_coords, self.lattice.n_half, rots, z, y, ctf), mu, logvar
+
+    def slices(
+        self, rots: torch.Tensor, y_enc: torch.Tensor | None = None, sample: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation: (predicted slices (B, n_masked) [half, mirror] order, z_mu, z_logvar).
+
+        Always the reference decoder (the fused kernels compute the loss, not the slices).
+        z_mu and z_logvar are (B, zdim), or None when zdim = 0; ``sample`` as in :meth:`forward`.
+        """
+        z, mu, logvar = self._latent(y_enc, sample)
+        return self.decoder.slices(self.lattice, rots, z, self.slice_coords), mu, logvar
+
+
+def reference_slice_mse(decoder: Decoder, coords: torch.Tensor, n_half: int, rots: torch.Tensor,
+                        z: torch.Tensor | None, y: torch.Tensor, ctf: torch.Tensor | None) -> torch.Tensor:
+    """Per-image MSE (B,) of the decoder's slices (:meth:`Decoder.slices_at`) against ``y``.
+
+    coords (n_masked, 3), rots (B, 3, 3), z (B, zdim) or None, y and ctf (B, n_masked)."""
+    return slice_mse(decoder.slices_at(coords, n_half, rots, z), y, ctf)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_slice_mse():
+    """:func:`reference_slice_mse` through ``torch.compile`` (inductor), compiled on first use.
+
+    One compiled function for the process; torch.compile guards on the decoder, the shapes
+    and the autocast state, and recompiles when they change (a new batch size: the ragged last
+    batch of an epoch, once). ``dynamic=False``: fixed shapes give inductor's best kernels.
+    Only PyTorch operations are in the graph (no custom autograd functions to break it).
+    """
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(reference_slice_mse, dynamic=False)
+    return _COMPILED["fn"]
 
 
 def build_model(cfg: ModelConfig, D: int, seed: int) -> CryoDRGN:

@@ -137,6 +137,15 @@ def slice_mse(pred: torch.Tensor, y: torch.Tensor, ctf: torch.Tensor | None) -> 
     return torch.mean((recon.to(full) - y.to(full)) ** 2, dim=-1)
 
 
+def per_image_loss(mse: torch.Tensor, kl: torch.Tensor, beta: float, n_masked: int) -> torch.Tensor:
+    """The objective of one image, ``mse + beta * kl / n_masked`` (any matching shapes).
+
+    The MSE is a mean over the n_masked lattice points, so dividing the KL by n_masked weighs
+    it as cryoDRGN does (its loss sums the error of each point and the KL once per image).
+    """
+    return mse + beta * kl / n_masked
+
+
 def loss_terms(
     mse: torch.Tensor,
     mu: torch.Tensor | None,
@@ -154,7 +163,7 @@ def loss_terms(
     per_image = mse
     if mu is not None:
         kl = kl_divergence(mu.to(mse.dtype), logvar.to(mse.dtype))
-        per_image = per_image + beta * kl / n_masked
+        per_image = per_image_loss(mse, kl, beta, n_masked)
     else:
         kl = torch.zeros_like(per_image)
     n = max(per_image.shape[0], 1)

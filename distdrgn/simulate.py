@@ -35,9 +35,10 @@ import torch
 from tqdm import tqdm
 
 from distdrgn import __version__
-from distdrgn.atoms import PseudoAtomicModel, build_model, model_volume, sigma_px, slice_ft
+from distdrgn.atoms import PseudoAtomicModel, pseudo_atomic_model, model_volume, sigma_px, slice_ft
 from distdrgn.ctf import ctf_for_images
 from distdrgn.errors import DistdrgnError
+from distdrgn.lattice import random_rotations
 
 DISTRIBUTIONS = {
     "uniform": "c ~ U(0, 1); subunit present with probability 0.5, independently of c",
@@ -96,21 +97,6 @@ class SimulationParams:
 
 
 # ----------------------------------------------------------------------------- random draws
-
-
-def random_rotations(n: int, gen: torch.Generator) -> torch.Tensor:
-    """(n, 3, 3) float64 rotations uniform on SO(3) (normalised Gaussian quaternions)."""
-    q = torch.randn(n, 4, generator=gen, dtype=torch.float64)
-    q = q / q.norm(dim=1, keepdim=True)
-    w, x, y, z = q.unbind(1)
-    return torch.stack(
-        [
-            torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-            torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-            torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        1,
-    )
 
 
 def draw_states(n: int, dist: str, n_states: int, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -239,7 +225,7 @@ def ground_truth_volume(c: float, subunit: bool, D: int, model_seed: int = 0) ->
     The positive density: the sign that back-projection recovers from the simulated images
     after the usual ``-1`` data inversion.
     """
-    return model_volume(build_model(model_seed), c, subunit, D).numpy()
+    return model_volume(pseudo_atomic_model(model_seed), c, subunit, D).numpy()
 
 
 @dataclass
@@ -368,7 +354,7 @@ def simulate(
         raise DistdrgnError(f"{out}: already holds a simulated dataset; use --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
-    model = build_model(model_seed)
+    model = pseudo_atomic_model(model_seed)
     t0 = time.time()
 
     gen = torch.Generator().manual_seed(seed)

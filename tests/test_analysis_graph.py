@@ -171,3 +171,59 @@ def test_direct_traversal_points():
         direct_traversal(anchors[:1])
     with pytest.raises(DistdrgnError):
         direct_traversal(anchors, n_points=1)
+
+
+def noisy_helix(n=2000, seed=0, noise=0.1, zdim=8):
+    """A noisy helix in zdim-D (as benchmarks/analysis.py's helix_latents) and its parameter t."""
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(0.0, 1.0, n)
+    helix = np.stack([np.cos(6 * np.pi * t), np.sin(6 * np.pi * t), 2.0 * t - 1.0], axis=1)
+    basis, _ = np.linalg.qr(rng.normal(size=(zdim, zdim)))
+    z = helix @ basis[:3] + noise * rng.normal(size=(n, zdim))
+    return z.astype(np.float32), t
+
+
+def test_pruning_never_strands_a_particle_on_a_noisy_helix():
+    z, t = noisy_helix(2000)
+    isolated = z[np.argmax(t)] + 0.6  # an isolated-ish particle at the end of the helix
+    z = np.vstack([z, isolated[None].astype(np.float32)])
+    t = np.append(t, 1.0)
+    dist, idx, _ = graph.knn(z, 10)
+    cut = graph.edge_threshold(dist, 5.0)
+    plain = graph.pruned_graph(dist, idx, cut)
+    assert (np.diff(plain.indptr) == 0).sum() > 0  # the cut alone leaves particles with no edge at all
+    g = graph.connected_pruned_graph(dist, idx, cut)
+    assert (g != g.T).nnz == 0 and np.diff(g.indptr).min() >= 1
+    for i in range(len(z)):  # every particle keeps its nearest-neighbour edge
+        assert g[i, idx[i, 0]] > 0
+    from scipy.sparse.csgraph import connected_components
+
+    assert connected_components(g, directed=False)[0] == connected_components(
+        graph.pruned_graph(dist, idx, np.inf), directed=False)[0] == 1
+    anchors = [int(np.argmin(t)), int(np.argsort(t)[len(t) // 2]), len(z) - 1]
+    res = graph.graph_traversal(z, anchors, max_neighbors=10, avg_neighbors=5.0)
+    assert res.path[0] == anchors[0] and res.path[-1] == anchors[-1] and anchors[1] in res.path
+    # it follows the helix: the particles' t along the path rise from the first to the last anchor
+    assert np.corrcoef(np.arange(len(res.path)), t[res.path])[0, 1] > 0.95
+
+
+def test_connected_graph_adds_nothing_where_the_cut_graph_is_connected():
+    rng = np.random.default_rng(2)
+    theta = rng.uniform(0, 1.5 * np.pi, 500)  # a uniformly filled strip: no noise tail
+    z = np.stack([3 * np.cos(theta), 3 * np.sin(theta), rng.uniform(0, 2, 500)], 1).astype(np.float32)
+    dist, idx, _ = graph.knn(z, 10)
+    cut = graph.edge_threshold(dist, 8.0)
+    plain = graph.pruned_graph(dist, idx, cut)
+    from scipy.sparse.csgraph import connected_components
+
+    assert connected_components(plain, directed=False)[0] == 1
+    assert (graph.connected_pruned_graph(dist, idx, cut) != plain).nnz == 0
+
+
+def test_anchors_in_separate_groups_name_the_components_and_sizes():
+    z, comp = two_loops(400)
+    a, b = int(np.flatnonzero(comp == 0)[0]), int(np.flatnonzero(comp == 1)[0])
+    with pytest.raises(DistdrgnError, match=rf"particles {a} and {b} are not connected in the pruned kNN graph: {a} is "
+                                            rf"in a component of 200 particles, {b} in another of 200 \(the graph has 2 "
+                                            r"components, the largest 200 of 400 particles\)"):
+        graph.graph_traversal(z, [a, b], max_neighbors=10, avg_neighbors=5)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from distdrgn.checkpoint import (
+    DataPosition,
     checkpoint_epochs,
     epoch_file,
     file_offset,
@@ -110,12 +111,13 @@ def test_z_pkl_is_two_consecutive_pickles(tmp_path):
 def test_step_checkpoints_keep_the_newest_two_and_order_with_epochs(tmp_path):
     save_weights(tmp_path / "weights.1.pkl", {"epoch": 1})
     for consumed in (32, 64, 96):
-        save_step_checkpoint(tmp_path, 2, consumed, {"model_state_dict": {}, "position": {"sums": [0.0] * 4}})
+        save_step_checkpoint(tmp_path, DataPosition(2, consumed), {"model_state_dict": {}})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step.2.64.pkl", "step.2.96.pkl"]
     assert [key for key, _ in resume_points(tmp_path)] == [(2, 96), (2, 64), (2, 0)]
     ck = load_weights(step_checkpoint_path(tmp_path, 2, 96))
-    assert ck["epoch"] == 2 and ck["position"] == {"epoch": 2, "consumed": 96, "sums": [0.0] * 4}
+    assert ck["epoch"] == 2 and ck["position"] == {"epoch": 2, "consumed": 96, "sums": [0.0] * 4, "seconds": 0.0}
+    assert DataPosition.of_checkpoint(ck) == DataPosition(2, 96)
     save_weights(tmp_path / "weights.2.pkl", {"epoch": 2})  # the epoch's end beats its steps
     assert resume_points(tmp_path)[0][1].name == "weights.2.pkl"
 
@@ -123,8 +125,8 @@ def test_step_checkpoints_keep_the_newest_two_and_order_with_epochs(tmp_path):
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     assert load_latest(tmp_path) == (None, None)
     save_weights(tmp_path / "weights.1.pkl", {"epoch": 1})
-    save_step_checkpoint(tmp_path, 2, 10, {"model_state_dict": {"w": torch.zeros(1000)}})
-    newest = save_step_checkpoint(tmp_path, 2, 20, {"model_state_dict": {"w": torch.ones(1000)}})
+    save_step_checkpoint(tmp_path, DataPosition(2, 10), {"model_state_dict": {"w": torch.zeros(1000)}})
+    newest = save_step_checkpoint(tmp_path, DataPosition(2, 20), {"model_state_dict": {"w": torch.ones(1000)}})
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     warnings = []
@@ -133,7 +135,7 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     assert len(warnings) == 1 and "step.2.20.pkl: cannot read checkpoint" in warnings[0]
     assert (tmp_path / "checkpoints" / "step.2.20.pkl.corrupt").exists() and not newest.exists()
     # the damaged file no longer counts: the next step checkpoint does not delete step.2.10 for it
-    save_step_checkpoint(tmp_path, 2, 15, {})
+    save_step_checkpoint(tmp_path, DataPosition(2, 15), {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pkl")) == ["step.2.10.pkl", "step.2.15.pkl"]
 
 
@@ -146,3 +148,41 @@ def test_stale_temporaries_are_removed(tmp_path):
     save_weights(tmp_path / "weights.2.pkl", {"epoch": 2})
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["weights.2.pkl"]
+
+
+def test_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_weights(tmp_path / "weights.1.pkl", {"epoch": 1})
+        save_z(tmp_path / "z.1.pkl", np.zeros((2, 2)), np.zeros((2, 2)))
+        os.umask(0o077)
+        save_weights(tmp_path / "private.pkl", {"epoch": 1})
+    finally:
+        os.umask(old)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert mode == {"weights.1.pkl": 0o644, "z.1.pkl": 0o644, "private.pkl": 0o600}
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    save_weights(tmp_path / "weights.1.pkl", {"epoch": 1})
+    before = (tmp_path / "weights.1.pkl").read_bytes()
+
+    def short_write(obj, fh):  # what torch.save raises when the disk fills mid-file
+        fh.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6400 vs 6294")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(DistdrgnError, match=r"weights.1.pkl: cannot write it .*rerun the same command to resume"):
+        save_weights(tmp_path / "weights.1.pkl", {"epoch": 2})
+
+    def enospc(obj, fh):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(DistdrgnError, match="no space left on the device"):
+        save_weights(tmp_path / "weights.2.pkl", {"epoch": 2})
+    assert (tmp_path / "weights.1.pkl").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.1.pkl"]  # no temporaries left

@@ -133,3 +133,14 @@ def test_ingest_real_fixtures(tmp_path, name, n, D):
         assert np.array_equal(s.poses[0], src.poses[0]) and np.array_equal(s.poses[1], src.poses[1])
     assert np.array_equal(s.images(np.arange(n)), src.read(np.arange(n)))
     assert np.array_equal(s.ctf, src.ctf.astype(np.float32))
+
+
+@pytest.mark.parametrize("action,words", [("info", "JSON summary"), ("verify", "crc32c recorded at ingest"),
+                                          ("export", "original .star/.cs rows")])
+def test_store_subcommand_help_has_a_description(action, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["store", action, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse re-wraps the description
+    head = text.split("positional arguments")[0]
+    assert words in head

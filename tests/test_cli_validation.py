@@ -266,3 +266,59 @@ def test_analyze_into_read_only_directory_is_a_one_line_error(tmp_path, capsys):
         assert str(ro / "sub") in _one_error_line(capsys)
     finally:
         ro.chmod(0o755)
+
+
+def test_analyze_z_with_another_particle_count_is_refused(tmp_path, capsys):
+    from distdrgn.checkpoint import save_z
+
+    run = _latent_run(tmp_path)  # trained on a store of 60 particles (its checkpoint says so)
+    z = np.random.default_rng(0).normal(size=(59, 2)).astype(np.float32)
+    save_z(run / "z.pkl", z, np.zeros_like(z))
+    out = tmp_path / "analysis"
+    assert cli.main(["analyze", str(run), "--no-volumes", "--no-umap", "-o", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert f"{run / 'z.pkl'}: 59 rows of latents, but the run was trained on 60 particles (the store none)" in err
+    assert "belongs to another run or dataset" in err and not out.exists()
+
+
+def test_eval_vol_refuses_non_finite_latents_naming_the_rows(tmp_path, capsys):
+    run = _latent_run(tmp_path)
+    zfile = tmp_path / "z.txt"
+    zfile.write_text("0 0\n1 nan\n0.5 0.5\ninf 2\n")
+    out = tmp_path / "vols"
+    assert cli.main(["eval-vol", str(run), "--zfile", str(zfile), "-o", str(out), "--device", "cpu"]) == 2
+    assert _one_error_line(capsys) == f"error: {zfile}: non-finite (NaN or inf) latents in row(s) 1, 3 (numbered from 0)"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,message", [(["-D", "33"], "-D 33: the volume box must be even and >= 4"),
+                                            (["--crop", "7"], "--crop 7 must be even, positive and <= the volume box")])
+def test_eval_vol_bad_box_leaves_no_output_folder(tmp_path, capsys, option, message):
+    run = _latent_run(tmp_path)
+    out = tmp_path / "vols"
+    assert cli.main(["eval-vol", str(run), "-z", "0", "0", "-o", str(out), "--device", "cpu", *option]) == 2
+    assert message in _one_error_line(capsys) and not out.exists()
+
+
+def test_eval_vol_output_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    run = _latent_run(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["eval-vol", str(run), "-z", "0", "0", "-o", str(afile), "--device", "cpu"]) == 2
+    assert _one_error_line(capsys) == f"error: {afile}: output directory exists as a file"
+    assert cli.main(["eval-vol", str(run), "-z", "0", "0", "-o", str(afile / "sub"), "--device", "cpu"]) == 2
+    assert str(afile / "sub") in _one_error_line(capsys) and afile.read_text() == "x"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only directories, so there is no permission error to report")
+def test_eval_vol_into_read_only_directory_is_a_one_line_error(tmp_path, capsys):
+    run = _latent_run(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert cli.main(["eval-vol", str(run), "-z", "0", "0", "-o", str(ro / "vols"), "--device", "cpu"]) == 2
+        assert "is not writable" in _one_error_line(capsys) and not any(ro.iterdir())
+    finally:
+        ro.chmod(0o755)

@@ -41,7 +41,7 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["train.epochs=2.5"], "'train.epochs' must be int"),
         ("", ["train.amp=maybe"], "train.amp must be"),
         ("", ["model.pe_type=fourier"], "model.pe_type must be one of"),
-        ("", ["model.kernels=fast"], "model.kernels must be one of auto, fused, torch"),
+        ("", ["model.kernels=fast"], "model.kernels must be one of auto, fused, compile, torch"),
         ("", ["train.beta=cyclic"], "train.beta must be"),
         ("", ["trainepochs=3"], "expected section.key=value|must be section.key"),
         ("", ["data.invert=yes please"], "'data.invert' must be bool"),
@@ -85,3 +85,46 @@ def test_exponent_floats_without_a_dot_are_floats():
     assert cfg.train.lr == 1e-3
     with pytest.raises(DistdrgnError, match="train.lr"):
         load_config(None, ["train.lr=fast", "data.store=x", "output.dir=y"])
+
+
+def test_packaged_configs_by_name_and_overrides_alone(tmp_path, monkeypatch):
+    from distdrgn.config import packaged_configs, split_config_arguments
+
+    assert packaged_configs() == ["default", "large", "tiny"]
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here, as for a user who installed the package
+    assert load_config("large") == load_config("large.yaml") == load_config(REPO / "configs" / "large.yaml")
+    assert load_config("configs/tiny.yaml") == load_config(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(DistdrgnError, match="huge: config file not found .named configs: default, large, tiny"):
+        load_config("huge")
+    assert split_config_arguments(["data.store=s", "output.dir=r"]) == (None, ["data.store=s", "output.dir=r"])
+    assert split_config_arguments(["large", "train.epochs=2"]) == ("large", ["train.epochs=2"])
+    (tmp_path / "a=b.yaml").write_text("train:\n  epochs: 2\n")  # a file whose name looks like an override
+    assert split_config_arguments(["a=b.yaml"]) == ("a=b.yaml", [])
+
+
+def test_config_command_prints_every_key_with_comments():
+    import dataclasses
+
+    proc = subprocess.run([sys.executable, "-m", "distdrgn.cli", "config"], capture_output=True, text=True, check=True)
+    printed = yaml.safe_load(proc.stdout)
+    assert from_dict(printed) == Config()  # the printed file is the built-in defaults ...
+    for section in dataclasses.fields(Config):  # ... with every key of every section, commented
+        keys = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        assert set(printed[section.name]) == keys, section.name
+    assert "# latent dimension" in proc.stdout
+    resolved = subprocess.run([sys.executable, "-m", "distdrgn.cli", "config", "tiny", "train.epochs=7"],
+                              capture_output=True, text=True, check=True)
+    assert yaml.safe_load(resolved.stdout)["train"]["epochs"] == 7
+
+
+def test_train_help_lists_the_sections_and_overrides_alone_reach_the_data(tmp_path):
+    help_text = subprocess.run([sys.executable, "-m", "distdrgn.cli", "train", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for section in ("data.", "output.", "model.", "train.", "metrics.", "debug."):
+        assert f"\n  {section}" in help_text
+    assert "store=''" in help_text and "epochs=20" in help_text
+    # no config path: every key has its default, and the overrides alone are used
+    proc = subprocess.run([sys.executable, "-m", "distdrgn.cli", "train", f"data.store={tmp_path / 'none.zarr'}",
+                           f"output.dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "none.zarr" in proc.stderr
+    assert "config file not found" not in proc.stderr

@@ -151,3 +151,109 @@ def test_missing_deepspeed_is_a_one_line_error(monkeypatch, small_dataset, tiny_
     with pytest.raises(DistdrgnError, match="no-build-isolation") as err:
         train(load_config(None, tiny_overrides(small_dataset["store"], tmp_path / "x", **{"train.engine": "deepspeed"})))
     assert "\n" not in str(err.value)
+
+
+def _small_model_and_cfg(*overrides):
+    from distdrgn.model import CryoDRGN, ModelInfo
+
+    cfg = load_config(None, ["model.zdim=2", "model.enc_dim=16", "model.dec_dim=16", "model.enc_layers=1",
+                             "model.dec_layers=1", "train.engine=deepspeed", *overrides])
+    return CryoDRGN(ModelInfo.from_config(cfg.model, 16, seed=0)), cfg
+
+
+@pytest.fixture()
+def one_rank_group():
+    """A 1-rank gloo group in this process, as distdrgn.train makes for DeepSpeed."""
+    import torch.distributed as dist
+
+    from distdrgn.runtime import close_process_group, init_process_group
+
+    init_process_group("deepspeed", "gloo", torch.device("cpu"), 1)
+    yield
+    if dist.is_initialized():
+        close_process_group()
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("old_cast", [False, True], ids=["installed", "pre_0.19.2_cast"])
+def test_deepspeed_keeps_buffers_float32(old_cast, one_rank_group, monkeypatch):
+    """bf16 DeepSpeed (CPU, gloo): the positional-encoding frequencies and lattice stay float32
+    and exact, also when deepspeed.initialize casts the whole module (DeepSpeed < 0.19.2 did
+    ``module.bfloat16()``, emulated here)."""
+    import deepspeed
+
+    from distdrgn.engine import DeepSpeedEngine
+    from distdrgn.train import Runtime
+
+    model, cfg = _small_model_and_cfg()
+    originals = {n: b.clone() for n, b in model.named_buffers()}
+    if old_cast:
+        real = deepspeed.initialize
+
+        def casting_initialize(*args, model, **kwargs):
+            return real(*args, model=model.bfloat16(), **kwargs)
+
+        monkeypatch.setattr(deepspeed, "initialize", casting_initialize)
+    engine = DeepSpeedEngine(model, cfg, Runtime(0, 1, torch.device("cpu"), torch.bfloat16))
+    buffers = dict(engine.module.named_buffers())
+    assert buffers.keys() == originals.keys()
+    for name, buf in buffers.items():
+        assert buf.dtype == torch.float32, name
+        assert torch.equal(buf, originals[name]), name
+    assert next(engine.module.parameters()).dtype == torch.bfloat16  # the parameters are DeepSpeed's bf16
+
+
+@needs_deepspeed
+def test_deepspeed_step_never_reads_a_device_value_on_the_host(one_rank_group, monkeypatch):
+    """As tests/test_train.py checks for DDP: the DeepSpeed step queues work only, and a
+    non-finite step is skipped on the device."""
+    from distdrgn.engine import build_engine
+    from distdrgn.lattice import random_rotations
+    from distdrgn.objective import Batch, Preprocess
+    from distdrgn.train import Runtime, train_step
+
+    model, cfg = _small_model_and_cfg()
+    rt = Runtime(0, 1, torch.device("cpu"), None)
+    engine = build_engine(model, cfg, rt)
+    gen = torch.Generator().manual_seed(0)
+    ctf = torch.tensor([[16, 1.0, 15000, 14000, 30, 300, 2.7, 0.1, 0]]).repeat(4, 1)
+    batch = Batch(torch.arange(4), torch.randn(4, 16, 16, generator=gen), random_rotations(4, gen).float(),
+                  torch.zeros(4, 2), ctf)
+    prep = Preprocess(16)
+    train_step(engine, batch, prep, model.lattice, 0.5, 0.25, rt)  # caches filled, Adam state created
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a device value was read on the host inside train_step")
+
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    _, nonfinite = train_step(engine, batch, prep, model.lattice, 0.5, 0.25, rt)
+    monkeypatch.undo()
+    assert float(nonfinite) == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
+
+    batch.images[1, 3, 3] = float("nan")
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    _, nonfinite = train_step(engine, batch, prep, model.lattice, 0.5, 0.25, rt)
+    assert float(nonfinite) == 1.0
+    assert all(torch.equal(before[k], v) for k, v in engine.module.state_dict().items())
+
+
+def test_ddp_does_not_broadcast_constant_buffers(monkeypatch):
+    """The DDP wrapper is built with broadcast_buffers=False (buffers are constants)."""
+    import distdrgn.engine as engine_module
+    from distdrgn.model import CryoDRGN, ModelInfo
+    from distdrgn.train import Runtime
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, module, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(engine_module, "DistributedDataParallel", Recorder)
+    cfg = load_config(None, ["model.zdim=2", "model.enc_dim=8", "model.dec_dim=8"])
+    engine_module.DDPEngine(CryoDRGN(ModelInfo.from_config(cfg.model, 8, seed=0)), cfg,
+                            Runtime(0, 2, torch.device("cpu"), None))
+    assert seen["broadcast_buffers"] is False

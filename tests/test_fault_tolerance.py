@@ -1,10 +1,10 @@
 """Fault tolerance on CPU with real SIGKILLs: torchrun restarts, whole-job relaunch, a truncated
 checkpoint, and resuming with another world size.
 
-The trainer's test hooks (distdrgn.train.TestHooks) write each worker's PID and, per process,
-its resume point and the particle ids of every step it trained. A step sleeps
-DISTDRGN_TEST_STEP_SECONDS so the harness can act mid-epoch: it waits until the log shows
-the run at the chosen point, then kills. From the logs the effective history is rebuilt
+The runs set the ``debug`` config section: ``debug.trace_samples`` makes each process write
+its PID, resume point and the particle ids of every step it trained (distdrgn.debug), and
+``debug.step_delay_s`` slows the steps so the harness can act mid-epoch: it waits until the
+trace shows the run at the chosen point, then kills. From the logs the effective history is rebuilt
 (each attempt replaces what earlier ones did from its resume point on) and checked: every
 epoch consumes exactly the world-size-independent global order, each particle once.
 """
@@ -38,9 +38,8 @@ def overrides(store, run, tiny_overrides):
 
 
 def launch(cmd_args, tmp: Path, nproc: int | None, max_restarts: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTDRGN_TEST_PIDFILE": str(tmp / "pids"),
-           "DISTDRGN_TEST_SAMPLE_DIR": str(tmp / "samples"), "DISTDRGN_TEST_STEP_SECONDS": str(STEP_SECONDS)}
-    (tmp / "samples").mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd_args = [*cmd_args, f"debug.trace_samples={tmp / 'samples'}", f"debug.step_delay_s={STEP_SECONDS}"]
     if nproc is None:  # one plain process, no torchrun
         cmd = [sys.executable, "-m", "distdrgn.train", *cmd_args]
     else:
@@ -78,10 +77,15 @@ def wait_for(predicate, proc: subprocess.Popen, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def worker_pids(tmp: Path, restart: int) -> list[int]:
-    path = tmp / "pids"
-    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
-    return [int(pid) for pid, _, r in rows if int(r) == restart]
+def worker_pids(tmp: Path, restart: int, since: float = 0.0) -> list[int]:
+    """PIDs of the workers of torchrun attempt ``restart`` that started after ``since``."""
+    pids = []
+    for f in (tmp / "samples").glob("samples.*.jsonl"):
+        lines = f.read_text().splitlines()
+        head = json.loads(lines[0]) if lines and lines[0].endswith("}") else None
+        if head and head["restart"] == restart and head["time"] >= since:
+            pids.append(head["pid"])
+    return pids
 
 
 def kill(pid: int) -> None:
@@ -172,12 +176,12 @@ def test_whole_job_kill_relaunch_truncated_checkpoint_and_fewer_processes(small_
     run = tmp_path / "run"
     args = overrides(small_dataset["store"], run, tiny_overrides)
 
-    def kill_job(proc, when, what):
+    def kill_job(proc, when, what, since):
         try:
             wait_for(when, proc, what)
         finally:
             kill(proc.pid)
-            for pid in worker_pids(tmp_path, 0):  # torchrun's workers run in their own sessions
+            for pid in worker_pids(tmp_path, 0, since):  # torchrun's workers run in their own sessions
                 kill(pid)
             proc.wait(timeout=TIMEOUT)
 
@@ -186,13 +190,14 @@ def test_whole_job_kill_relaunch_truncated_checkpoint_and_fewer_processes(small_
         return points[0][0] if points else None
 
     # 1: the whole job is SIGKILLed once it is inside epoch 1
+    started = time.time()
     first = launch(args, tmp_path, nproc=2)
-    kill_job(first, lambda: (newest() or (0, 0)) >= (1, 32), "a step checkpoint in epoch 1")
+    kill_job(first, lambda: (newest() or (0, 0)) >= (1, 32), "a step checkpoint in epoch 1", started)
     at_kill = newest()
     # 2: the same command resumes from there; killed again a few checkpoints later
-    (tmp_path / "pids").unlink()
+    started = time.time()
     second = launch(args, tmp_path, nproc=2)
-    kill_job(second, lambda: (newest() or (0, 0)) >= (at_kill[0], at_kill[1] + 64), "three more checkpoints")
+    kill_job(second, lambda: (newest() or (0, 0)) >= (at_kill[0], at_kill[1] + 64), "three more checkpoints", started)
     # the relaunch continued at the newest checkpoint
     assert at_kill in [a["resume"] for a in read_samples(tmp_path).values()]
     # 3: the newest checkpoint is cut short; one process (W=1) resumes from the previous one

@@ -1,3 +1,4 @@
+import os
 import pickle
 import subprocess
 import sys
@@ -359,3 +360,196 @@ def test_ingest_killed_mid_way_then_rerun_completes_exactly(tmp_path):
     s = ParticleStore.open(out)
     assert s.n == 400 and np.array_equal(s.images(np.arange(400)), data["images"])
     assert not partial.exists()
+
+
+# ---- concurrent ingests, disk space, output folders --------------------------------------
+
+
+def test_second_ingest_of_the_same_output_is_refused_naming_the_holder(tmp_path, capsys):
+    """The lock is held here (as a running ingest holds it); the second ingest leaves nothing behind."""
+    from distdrgn.cli import main as cli
+    from distdrgn.store.lock import OutputLock, lock_path
+
+    paths, data = make_dataset(tmp_path, n=60)
+    out = tmp_path / "s.zarr"
+    with OutputLock(out):
+        assert f'"pid": {os.getpid()}' in lock_path(out).read_text()
+        with pytest.raises(StoreError, match=r"another ingest is writing this output \(pid \d+ on host .+ since .+; "
+                                             r"lock .*s\.zarr\.lock\); wait for it to finish"):
+            _ingest(paths, out)
+        assert not out.exists() and not (tmp_path / "s.zarr.partial").exists()
+        assert cli(["ingest", str(paths["stack"]), "-o", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "another ingest is writing this output" in err[0]
+    assert not lock_path(out).exists()  # the holder removes it
+    _ingest(paths, out)  # the lock is free again
+    assert np.array_equal(ParticleStore.open(out).images(np.arange(60)), data["images"])
+    assert not lock_path(out).exists() and sorted(p.name for p in tmp_path.iterdir() if "s.zarr" in p.name) == ["s.zarr"]
+
+
+def test_a_stale_lock_file_without_a_holder_is_taken_over(tmp_path):
+    from distdrgn.store.lock import lock_path
+
+    paths, _ = make_dataset(tmp_path, n=40)
+    out = tmp_path / "s.zarr"
+    lock_path(out).write_text('{"pid": 1, "host": "gone", "since": "then"}')  # its holder was killed
+    _ingest(paths, out)
+    assert ParticleStore.open(out).n == 40 and not lock_path(out).exists()
+
+
+def test_not_enough_free_space_is_refused_up_front(tmp_path, monkeypatch):
+    import shutil as _shutil
+
+    paths, _ = make_dataset(tmp_path, n=200)
+    out = tmp_path / "s.zarr"
+    need = writer.estimated_store_bytes(200, [32, 16], 4, True, True)
+    assert need == 200 * (32 * 32 + 16 * 16) * 4 + 200 * (8 + 44 + 36)
+    usage = _shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage._replace(free=need - 1))
+    with pytest.raises(StoreError, match=r"s\.zarr: not enough free disk space: the store needs about 0\.00 GB "
+                                         r"\(200 images at box 32, 16, 4 bytes per pixel, uncompressed\) but .* "
+                                         r"has 0\.00 GB free"):
+        _ingest(paths, out, extra_levels=(16,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctf.pkl", "p.mrcs", "poses.pkl"]  # nothing written
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: usage._replace(free=need))
+    _ingest(paths, out, extra_levels=(16,))
+    assert ParticleStore.open(out).levels == [32, 16]
+
+
+def test_disk_full_during_the_write_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from distdrgn.cli import main as cli
+
+    paths, data = make_dataset(tmp_path, n=200)
+    out = tmp_path / "s.zarr"
+    real = writer._write_shard
+    written = []
+
+    def full(job, shard):
+        if shard == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(shard)
+        return real(job, shard)
+
+    monkeypatch.setattr(writer, "_write_shard", full)
+    with pytest.raises(StoreError) as exc:
+        _ingest(paths, out, workers=1)
+    assert str(exc.value) == (f"{out}: No space left on device while writing s.zarr.partial; free some space, "
+                              "then rerun the same command: it resumes where it stopped")
+    assert (tmp_path / "s.zarr.partial").is_dir() and not out.exists() and written
+    rerun = []
+    monkeypatch.setattr(writer, "_write_shard", lambda job, shard: (rerun.append(shard), real(job, shard))[1])
+    _ingest(paths, out, workers=1)
+    assert 3 in rerun and set(rerun).isdisjoint(written)  # the shards written before the disk filled are reused
+    assert np.array_equal(ParticleStore.open(out).images(np.arange(200)), data["images"])
+
+    # through the CLI: one line, exit 2
+    monkeypatch.setattr(writer, "_write_shard", lambda job, shard: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    cli_out = tmp_path / "cli.zarr"
+    assert cli(["ingest", str(paths["stack"]), "-o", str(cli_out), "--no-progress", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {cli_out}: No space left on device") and "rerun" in err[0]
+
+
+def test_output_under_a_file_in_place_of_a_folder_is_one_line(tmp_path, capsys):
+    from distdrgn.cli import main as cli
+
+    paths, _ = make_dataset(tmp_path, n=40)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"notes\.txt is a file, not a folder; choose another output path"):
+        _ingest(paths, tmp_path / "notes.txt" / "s.zarr")
+    assert cli(["ingest", str(paths["stack"]), "-o", str(tmp_path / "notes.txt" / "sub" / "s.zarr"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt is a file, not a folder" in err[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into read-only directories, so there is no permission error to report")
+def test_output_in_a_read_only_folder_is_one_line(tmp_path):
+    paths, _ = make_dataset(tmp_path, n=40)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(StoreError, match=r"s\.zarr: the folder .*ro is not writable; choose another output path"):
+            _ingest(paths, ro / "s.zarr")
+        assert not any(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
+# ---- poses and CTF that have the right count but do not fit the images -------------------
+
+
+def _rewrite_ctf(paths, box, apix):
+    with open(paths["ctf"], "rb") as f:
+        ctf = pickle.load(f)
+    ctf[:, 0], ctf[:, 1] = box, apix
+    with open(paths["ctf"], "wb") as f:
+        pickle.dump(ctf, f)
+
+
+def test_ctf_of_another_dataset_is_refused_naming_both(tmp_path, capsys):
+    from distdrgn.cli import main as cli
+
+    paths, _ = make_dataset(tmp_path, n=40, D=32, apix=6.0)
+    _rewrite_ctf(paths, 180, 2.95)  # same count, another dataset's box and pixel size
+    out = tmp_path / "s.zarr"
+    with pytest.raises(FormatError, match=r"ctf\.pkl: the CTF rows are for box 180 px at 2\.95 A/px \(531 A across\) "
+                                          r"but the images .*p\.mrcs are 32 px at 6 A/px \(192 A\): these CTF "
+                                          r"parameters are not for these images"):
+        _ingest(paths, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctf.pkl", "p.mrcs", "poses.pkl"]
+    assert cli(["ingest", str(paths["stack"]), "-o", str(out), "--poses", str(paths["poses"]), "--ctf",
+                str(paths["ctf"]), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "box 180 px at 2.95 A/px" in err[0]
+
+
+def test_ctf_pixel_size_slightly_off_warns_and_fourier_cropped_images_pass(tmp_path, capsys):
+    paths, _ = make_dataset(tmp_path, n=40, D=32, apix=2.0)
+    _rewrite_ctf(paths, 32, 2.1)  # 5% off: a rounded header or another dataset; say so, go on
+    _ingest(paths, tmp_path / "a.zarr")
+    err = capsys.readouterr().err
+    assert "warning: " in err and "the CTF rows are for box 32 px at 2.1 A/px (67.2 A across) but the images" in err
+    assert ParticleStore.open(tmp_path / "a.zarr").n == 40
+    _rewrite_ctf(paths, 64, 1.0)  # the CTF of the 64 px originals of these 32 px images: the same extent
+    _ingest(paths, tmp_path / "b.zarr")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_translations_in_pixels_are_refused_naming_the_cause(tmp_path):
+    paths, _ = make_dataset(tmp_path, n=40, D=32)
+    with open(paths["poses"], "rb") as f:
+        rots, trans = pickle.load(f)
+    with open(paths["poses"], "wb") as f:
+        pickle.dump((rots, trans * 32), f)  # pixels: parsed without dividing by the box
+    worst = int(np.argmax(np.abs(trans * 32).max(axis=1)))
+    with pytest.raises(FormatError, match=r"poses\.pkl: translations must be fractions of the box \(\|t\| <= 0\.5\), "
+                                          rf"but \d+ of 40 exceed it, up to [\d.]+ \(at box 32: [\d.]+ px\) at row "
+                                          rf"{worst} .*they look like pixels: were the poses parsed without dividing "
+                                          r"by the box size\?"):
+        _ingest(paths, tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "s.zarr.partial").exists()
+
+
+def test_progress_bar_counts_images_as_shards_finish(tmp_path, monkeypatch):
+    import tqdm as tqdm_module
+
+    updates = []
+
+    class Recording(tqdm_module.tqdm):
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Recording)
+    paths, _ = make_dataset(tmp_path, n=200)
+    _ingest(paths, tmp_path / "s.zarr", progress=True, workers=1)
+    layout = ParticleStore.open(tmp_path / "s.zarr").attrs["layout"]["32"]
+    n_shards = -(-200 // layout["shard_images"])
+    assert n_shards > 1 and len(updates) == n_shards  # one step per finished shard, not all at the end
+    assert sum(updates) == 200 and max(updates) == layout["shard_images"]

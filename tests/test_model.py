@@ -113,18 +113,92 @@ def test_slices_match_decoding_every_masked_point(domain):
     torch.testing.assert_close(slices, direct, rtol=1e-5, atol=1e-6)
 
 
-def test_forward_shapes_and_reparameterisation():
+def test_slices_shapes_and_reparameterisation():
     model = tiny()
     lat = model.lattice
     y = torch.randn(4, lat.n_masked)
     rots = random_rotations(4)
-    pred, mu, logvar = model(rots, y, sample=False)
+    pred, mu, logvar = model.slices(rots, y, sample=False)
     assert pred.shape == (4, lat.n_masked) and mu.shape == (4, 3) and logvar.shape == (4, 3)
     pred_mu = model.decoder.slices(lat, rots, mu)
     torch.testing.assert_close(pred, pred_mu)
     torch.manual_seed(0)
-    pred_s, _, _ = model(rots, y, sample=True)
+    pred_s, _, _ = model.slices(rots, y, sample=True)
     assert not torch.allclose(pred_s, pred)
+
+
+def test_forward_is_the_training_loss_of_the_slices():
+    """forward (the training path) = slice_mse of slices(), with the same latent draw."""
+    from distdrgn.objective import slice_mse
+
+    model = tiny()
+    n = model.lattice.n_masked
+    gen = torch.Generator().manual_seed(4)
+    y_enc, y, ctf = (torch.randn(3, n, generator=gen) for _ in range(3))
+    rots = random_rotations(3)
+    for sample in (False, True):
+        torch.manual_seed(1)
+        mse, mu, logvar = model(rots, y_enc, sample=sample, y=y, ctf=ctf)
+        torch.manual_seed(1)
+        pred, mu2, _ = model.slices(rots, y_enc, sample=sample)
+        assert mse.shape == (3,) and mse.dtype == torch.float32
+        torch.testing.assert_close(mse, slice_mse(pred, y, ctf))
+        torch.testing.assert_close(mu, mu2)
+    with pytest.raises(TypeError):
+        model(rots, y_enc)  # the observations are required: forward is the training path
+
+
+def test_slice_coordinates_are_float32_under_bf16_autocast():
+    """The pose rotation and the positional-encoding phases run in float32 inside the step's
+    bf16 autocast: the coordinates reaching the encoding are within float32 rounding of the
+    float64 rotation (bf16 would be off by ~1e-3 at |k| = 0.5)."""
+    model = tiny(dec_dim=16)
+    rots = random_rotations(5, seed=3)
+    seen = []
+    model.decoder.pe.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(rots, torch.randn(5, model.lattice.n_masked), sample=False, y=torch.zeros(5, model.lattice.n_masked))
+    (coords,) = seen
+    exact = model.slice_coords[: model.lattice.n_half].double() @ rots.double()
+    exact = canonicalize(exact)[0]
+    assert coords.dtype == torch.float32
+    assert float((coords.double() - exact).abs().max()) < 1e-6
+    # and the phases: float32 sin/cos of k @ F^T, not bf16
+    feats = model.decoder.pe(coords)
+    phase = coords.double() @ model.decoder.pe.freqs.double().T
+    assert feats.dtype == torch.float32
+    assert float((feats.double() - torch.cat([phase.sin(), phase.cos()], -1)).abs().max()) < 1e-4
+
+
+def test_rotate_coords_keeps_float32_and_float64():
+    from distdrgn.lattice import rotate_coords
+
+    k = torch.rand(7, 3) - 0.5
+    rots = random_rotations(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rotate_coords(k, rots).dtype == torch.float32
+        assert rotate_coords(k, rots.double()).dtype == torch.float64
+    err = (rotate_coords(k, rots).double() - k.double() @ rots.double()).abs().max()
+    assert float(err) < 1e-6
+    # what the fix prevents: the bf16 product's error is three orders of magnitude larger
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = k @ rots
+    assert float((rounded.double() - k.double() @ rots.double()).abs().max()) > 1e-4
+
+
+def test_compiled_decoder_matches_the_reference():
+    """model.kernels=compile (torch.compile, inductor's CPU backend here): forward and every
+    gradient equal the eager reference's to float32 rounding."""
+    from distdrgn.kernels.check import mse_and_grads, random_inputs, relative_error
+
+    model = build_model(ModelConfig(zdim=2, enc_dim=16, enc_layers=1, dec_dim=16, dec_layers=1), 8, seed=0)
+    inputs = random_inputs(model, 2, seed=5)
+    ref_mse, ref = mse_and_grads(model, inputs, "torch")
+    mse, grads = mse_and_grads(model, inputs, "compile")
+    torch.testing.assert_close(mse, ref_mse, rtol=1e-5, atol=1e-7)
+    assert grads.keys() == ref.keys()
+    for name in ref:
+        assert relative_error(grads[name], ref[name]) < 1e-5, name
 
 
 def test_layer_structure_is_cryodrgns():
@@ -182,7 +256,7 @@ def test_runs_of_distdrgn_0_1_keep_their_layer_count():
 def test_homogeneous_model_has_no_encoder():
     model = tiny(zdim=0)
     assert model.encoder is None
-    pred, mu, logvar = model(random_rotations(2))
+    pred, mu, logvar = model.slices(random_rotations(2))
     assert pred.shape == (2, model.lattice.n_masked) and mu is None and logvar is None
     assert model.decoder.mlp.inp.in_features == 3 * D
 

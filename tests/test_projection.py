@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distdrgn.atoms import build_model, model_volume
+from distdrgn.atoms import pseudo_atomic_model, model_volume
 from distdrgn.fft import ht2_center, symmetrize_ht
 from distdrgn.lattice import Lattice, translate_ht
 from distdrgn.projection import backproject, fsc, fsc_resolution, project_volume, resolution_angstrom
@@ -15,7 +15,7 @@ D = 32
 
 @pytest.fixture(scope="module")
 def volume():
-    return model_volume(build_model(0), 0.3, True, D)
+    return model_volume(pseudo_atomic_model(0), 0.3, True, D)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_project_volume_matches_analytic_projections(volume, poses):
     rots, trans = poses
     n = rots.shape[0]
     c, sub = torch.full((n,), 0.3), torch.ones(n, dtype=torch.bool)
-    analytic = clean_images(build_model(0), D, rots, trans, None, c, sub)
+    analytic = clean_images(pseudo_atomic_model(0), D, rots, trans, None, c, sub)
     proj = project_volume(volume, rots, trans, oversample=2)
     rel = (proj - analytic).norm() / analytic.norm()
     assert _corr(proj, analytic).min() > 0.99

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from distdrgn.atoms import build_model, gaussian_ft, model_volume, sigma_px, slice_ft
+from distdrgn.atoms import pseudo_atomic_model, gaussian_ft, model_volume, sigma_px, slice_ft
 from distdrgn.cli import main as cli_main
 from distdrgn.fft import fft3_center
 from distdrgn.formats.ctf_params import load_ctf, parse_ctf
@@ -31,7 +31,7 @@ from distdrgn.simulate import (
 @pytest.mark.parametrize("D", [32, 48])
 def test_rendered_volume_matches_analytic_transform(D):
     """The centred 3D DFT of the rendered volume equals the analytic transform at lattice points."""
-    model = build_model(0)
+    model = pseudo_atomic_model(0)
     vol = model_volume(model, 0.7, True, D).double()
     k = (torch.arange(D, dtype=torch.float64) - D // 2) / D
     kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
@@ -54,7 +54,7 @@ def test_rendered_volume_matches_analytic_transform(D):
 def test_slice_ft_is_the_central_slice():
     """slice_ft (separable matrix product) = gaussian_ft at [k_x, k_y, 0] @ R."""
     D = 16
-    model = build_model(0)
+    model = pseudo_atomic_model(0)
     rots = random_rotations(3, torch.Generator().manual_seed(0))
     pos, w = model.atoms(torch.tensor([0.2, 0.5, 1.0]), torch.tensor([True, False, True]), D, dtype=torch.float64)
     kx = torch.fft.rfftfreq(D, dtype=torch.float64)
@@ -76,7 +76,7 @@ def test_model_has_conformational_and_compositional_change():
     assert np.isclose(ref.sum(), closed.sum(), rtol=1e-3)  # a rigid motion keeps the mass
     # The particle fills about 60% of the box and stays inside the 0.85 window radius.
     for c in (0.0, 1.0):
-        pos, _ = build_model(0).atoms(torch.tensor([c]), torch.tensor([True]), 1)
+        pos, _ = pseudo_atomic_model(0).atoms(torch.tensor([c]), torch.tensor([True]), 1)
         r = pos[0].norm(dim=1)
         assert 0.27 < float(r.max()) < 0.38
         assert float((pos[0].max(0).values - pos[0].min(0).values).max()) > 0.45
@@ -152,7 +152,7 @@ def test_snr_definition_and_reproducibility(tmp_path):
     # The clean images are minus the analytic CTF-modulated projections.
     rots, trans = load_poses(noisy["poses.pkl"])
     gt = load_ground_truth(tmp_path / "a")
-    expected = clean_images(build_model(0), 16, torch.from_numpy(rots), torch.from_numpy(trans),
+    expected = clean_images(pseudo_atomic_model(0), 16, torch.from_numpy(rots), torch.from_numpy(trans),
                             torch.from_numpy(load_ctf(noisy["ctf.pkl"])), torch.from_numpy(gt.c.astype(np.float64)),
                             torch.from_numpy(gt.subunit))  # fmt: skip
     np.testing.assert_allclose(b, -expected.numpy(), atol=1e-4 * np.abs(b).max())

@@ -133,3 +133,51 @@ def test_unwritten_all_zero_chunk_is_not_missing_and_checked_once(tmp_path, monk
         for c in range(s.n_chunks):
             s.raw_chunk(c)
     assert sorted(calls) == list(range(-(-100 // s.file_images)))  # each file checked once
+
+
+def test_damaged_chunk_fails_at_read_naming_chunk_and_particles(tmp_path):
+    """Each chunk read for training/encoding is checked against its ingest crc32c; verify_chunks=False reads it as is."""
+    from distdrgn.loader import GlobalOrder, Metadata, StepSchedule, stream_batches
+
+    paths, data = make_dataset(tmp_path, n=100)
+    out = ingest(paths["stack"], tmp_path / "s.zarr", poses=paths["poses"], ctf=paths["ctf"], progress=False,
+                 workers=1, layout_overrides=SMALL_LAYOUT)
+    shard = out / "images" / "c" / "1" / "0" / "0"  # chunk 1, images 16-31 (one chunk per shard file)
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    message = (r"checksum mismatch in chunk 1 \(particles 16-31\) at box 32: these particles \(store positions\) "
+               r"are damaged; re-ingest the store, or set data.allow_unverified=true")
+    s = ParticleStore.open(out)
+    assert s.verify_chunks
+    for read in (lambda: s.read_chunk(1), lambda: s.raw_chunk(1), lambda: s.images([20]), lambda: s.images([3, 17])):
+        with pytest.raises(StoreError, match=message):
+            read()
+    assert np.array_equal(s.read_chunk(0), data["images"][:16]) and np.array_equal(s.images([5, 40]), data["images"][[5, 40]])
+    order = GlobalOrder([s.chunk_range(c) for c in range(s.n_chunks)], seed=0, epoch=0, window_chunks=2)
+    schedule = StepSchedule(s.n, 0, 1, 10)
+    with pytest.raises(StoreError, match=message):
+        list(stream_batches(str(out), None, order, schedule, 0, Metadata.from_store(s)))
+    unchecked = ParticleStore.open(out, verify_chunks=False)
+    assert not np.array_equal(unchecked.read_chunk(1), data["images"][16:32])  # the damaged values, as they are
+    assert unchecked.images([20]).shape == (1, 32, 32) and unchecked.at_level(32).verify_chunks is False
+    batches = list(stream_batches(str(out), None, order, schedule, 0, Metadata.from_store(unchecked), verify_chunks=False))
+    assert sum(len(b.indices) for b in batches) == 100
+
+
+def test_damaged_metadata_fails_when_loaded(tmp_path):
+    import zarr
+
+    paths, _ = make_dataset(tmp_path, n=100)
+    out = ingest(paths["stack"], tmp_path / "s.zarr", poses=paths["poses"], ctf=paths["ctf"], progress=False,
+                 workers=1, layout_overrides=SMALL_LAYOUT)
+    assert ParticleStore.open(out).ctf.shape == (100, 9) and ParticleStore.open(out).poses[0].shape == (100, 3, 3)
+    arr = zarr.open_array(out / "ctf", mode="r+")
+    arr[3, 2] = arr[3, 2] + 1
+    rots = zarr.open_array(out / "poses" / "rots", mode="r+")
+    rots[7, 0, 0] = 2.0
+    with pytest.raises(StoreError, match=r"checksum mismatch in ctf: the store's metadata is damaged; re-ingest"):
+        ParticleStore.open(out).ctf
+    with pytest.raises(StoreError, match=r"checksum mismatch in poses/rots"):
+        ParticleStore.open(out).poses
+    assert ParticleStore.open(out, verify_chunks=False).ctf[3, 2] == arr[3, 2]

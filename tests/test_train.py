@@ -103,6 +103,22 @@ def test_missing_settings_fail_cleanly(small_dataset, tiny_overrides, tmp_path):
         run_train(tiny_overrides(tmp_path / "nope.zarr", tmp_path / "y"))
 
 
+def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(small_dataset, tiny_overrides, tmp_path):
+    import os
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(DistdrgnError, match=f"output.dir={notes}: exists and is not a folder"):
+        run_train(tiny_overrides(small_dataset["store"], notes))
+    assert notes.read_text() == "mine"
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders: the read-only case needs an ordinary user")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(DistdrgnError, match="is not writable"):
+        run_train(tiny_overrides(small_dataset["store"], locked / "run"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

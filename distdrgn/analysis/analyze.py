@@ -62,6 +62,24 @@ def run_zdim(run_dir: Path) -> int:
         raise DistdrgnError(f"{path}: cannot read model.zdim ({exc})") from None
 
 
+def run_particle_count(run_dir: Path, epoch: int | None) -> tuple[int, str] | None:
+    """(particles the run trained on, where that number comes from), from its distdrgn
+    checkpoint: the ``data.ind`` subset, else the whole store. None when the run has no
+    readable distdrgn checkpoint (a cryoDRGN run, or latents only), so nothing to check."""
+    from distdrgn.checkpoint import load_weights, weights_path
+
+    try:
+        ckpt = load_weights(weights_path(run_dir, epoch))
+    except DistdrgnError:
+        return None
+    subset, store = ckpt.get("subset"), ckpt.get("store") or {}
+    if subset and subset.get("n") is not None:
+        return int(subset["n"]), f"the data.ind subset {subset.get('path')}"
+    if store.get("n") is not None:
+        return int(store["n"]), f"the store {store.get('path')}"
+    return None
+
+
 def resolve_epoch(run_dir: str | Path, epoch: int | None) -> RunEpoch:
     """The latent file for ``epoch`` (from 1, as in ``z.N.pkl``), or the final one.
 
@@ -191,13 +209,17 @@ def analyze(
     writer = VolumeWriter(run_dir, which.epoch, device, D=vol_D) if volumes else None
     label = str(writer.epoch) if writer is not None and which.epoch is None else which.label
     out = Path(out) if out is not None else run_dir / f"analyze.{label}"
-    make_output_dir(out)
 
     z = latent.load_z(which.z_path)
     n, zdim = z.shape
     expected = run_zdim(run_dir)
     if zdim != expected:
         raise DistdrgnError(f"{which.z_path}: latents have zdim {zdim} but config.yaml says {expected}")
+    trained_on = run_particle_count(run_dir, which.epoch)
+    if trained_on is not None and trained_on[0] != n:  # k-means labels, selections would index other particles
+        raise DistdrgnError(f"{which.z_path}: {n} rows of latents, but the run was trained on {trained_on[0]} "
+                            f"particles ({trained_on[1]}); this z.pkl belongs to another run or dataset")
+    make_output_dir(out)  # after the checks: a refused analysis leaves no empty folder behind
     if n_pcs > zdim:
         log.info("only %d PCs exist (zdim %d); traversing %d", zdim, zdim, zdim)
         n_pcs = zdim

@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Any
 
 _STYLE = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1200px; color: #222; }
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; padding: 0 1.5em;
+       max-width: 1500px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
-figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
-figure img { max-width: 560px; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #555; max-width: 560px; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
+figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; max-width: 100%; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure.wide { display: block; margin-right: 0; }
+figcaption { font-size: 0.9em; color: #555; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.8em 0; }
 th, td { border: 1px solid #ddd; padding: 2px 8px; text-align: right; font-family: monospace; }
 th { background: #f3f3f3; } caption { text-align: left; font-weight: bold; padding: 4px 0; }
-dl.summary dt { font-weight: bold; float: left; clear: left; width: 14em; }
-dl.summary dd { margin-left: 15em; font-family: monospace; }
+table.summary th { text-align: left; font-family: inherit; background: none; border: none; padding: 2px 2em 2px 0; }
+table.summary td { text-align: left; border: none; padding: 2px 0; word-break: break-all; }
 p.note { color: #555; font-style: italic; }
 """
 
@@ -60,11 +61,28 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
+WIDE_PX = 1000  # figures at least this wide (loss curves, volume strips) get a row of their own
+
+
+def png_width(data: bytes) -> int | None:
+    """Pixel width from a PNG's IHDR header (None if ``data`` is not a PNG)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big")
+
+
 def _figure_html(fig: Figure) -> str:
-    data = base64.b64encode(Path(fig.path).read_bytes()).decode("ascii")
+    raw = Path(fig.path).read_bytes()
+    data = base64.b64encode(raw).decode("ascii")
     name = html.escape(Path(fig.path).name)
+    width = png_width(raw)
+    # a wide figure is shown up to its own width (never scaled up), on a row of its own; the
+    # caption is limited to the image's width so that it wraps under it, not beside it
+    cls = ' class="wide"' if width is not None and width >= WIDE_PX else ""
+    style = f' style="max-width: min(100%, {width}px)"' if width else ""
     return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{name}" data-file="{name}">'
+        f'<figure{cls}{style}><img src="data:image/png;base64,{data}" alt="{name}" data-file="{name}"'
+        f'{f" width={width}" if width else ""}>'
         f"<figcaption>{html.escape(fig.caption)} <code>{name}</code></figcaption></figure>"
     )
 
@@ -83,11 +101,12 @@ def render_report(title: str, summary: dict[str, Any], sections: list[Section]) 
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        '<dl class="summary">',
+        # a table, not a floated <dl>: each label and its value share a row whatever their lengths
+        '<table class="summary"><tbody>',
     ]
     for key, value in summary.items():
-        parts.append(f"<dt>{html.escape(str(key))}</dt><dd>{_cell(value)}</dd>")
-    parts.append("</dl>")
+        parts.append(f'<tr><th scope="row">{html.escape(str(key))}</th><td>{_cell(value)}</td></tr>')
+    parts.append("</tbody></table>")
     for sec in sections:
         parts.append(f"<section><h2>{html.escape(sec.title)}</h2>")
         if sec.text:

@@ -66,7 +66,49 @@ def read_latents(args, zdim: int):
         z = load_z(path)[0] if path.suffix == ".pkl" else read_text_array(path, "latents", np.float32, ndmin=2)
     if z.size == 0 or z.size % zdim or (z.ndim == 2 and z.shape[1] != zdim):
         raise DistdrgnError(f"{source}: latents must have {zdim} values per volume, got shape {z.shape}")
-    return z.reshape(-1, zdim)
+    z = z.reshape(-1, zdim)
+    bad = np.flatnonzero(~np.isfinite(z).all(axis=1))
+    if bad.size:  # the decoder would write NaN volumes without a word
+        shown = ", ".join(map(str, bad[:10].tolist())) + (f", ... ({bad.size} in all)" if bad.size > 10 else "")
+        raise DistdrgnError(f"{source}: non-finite (NaN or inf) latents in row(s) {shown} (numbered from 0)")
+    return z
+
+
+def check_output_dir(out: Path) -> None:
+    """DistdrgnError (one line) unless ``out`` is, or can be created as, a writable folder.
+    Nothing is created: a refused command leaves no empty folder behind."""
+    import os
+
+    from distdrgn.errors import DistdrgnError
+
+    out = Path(os.path.abspath(out))
+    if out.exists():
+        if not out.is_dir():
+            raise DistdrgnError(f"{out}: output directory exists as a file")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise DistdrgnError(f"{out}: output directory is not writable")
+        return
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DistdrgnError(f"{out}: cannot create the output directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DistdrgnError(f"{out}: cannot create the output directory: {existing} is not writable")
+
+
+def check_options(args, train_D: int) -> None:
+    """DistdrgnError for a volume box, crop or low-pass that eval_volumes would refuse only
+    after creating the output directory."""
+    from distdrgn.errors import DistdrgnError
+
+    if args.D is not None and (args.D % 2 or args.D < 4):
+        raise DistdrgnError(f"-D {args.D}: the volume box must be even and >= 4")
+    D = train_D if args.D is None else args.D
+    if args.crop is not None and (args.crop <= 0 or args.crop % 2 or args.crop > D):
+        raise DistdrgnError(f"--crop {args.crop} must be even, positive and <= the volume box {D}")
+    if args.low_pass is not None and args.low_pass <= 0:
+        raise DistdrgnError(f"--low-pass {args.low_pass} must be a positive resolution in Angstrom")
 
 
 def main(args) -> int:
@@ -74,8 +116,10 @@ def main(args) -> int:
 
     from distdrgn.volumes import eval_volumes, load_model
 
+    check_output_dir(Path(args.outdir))
     trained = load_model(args.run_dir, epoch=args.epoch, config=getattr(args, "config", None))
     zs = read_latents(args, trained.zdim)
+    check_options(args, trained.D)
     n = 1 if zs is None else len(zs)
     start = args.vol_start_index
     if start is None:

@@ -10,16 +10,29 @@ import sys
 def add_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
-    p = sub.add_parser("info", help="print a JSON summary of a store")
+    p = sub.add_parser("info", help="print a JSON summary of a store",
+                       description="Print a JSON summary of a particle store: particle count, box size, pixel size, "
+                                   "dtype, levels, chunk/shard layout, size on disk, normalisation statistics, "
+                                   "provenance and the last verification. Reads only metadata.")
     p.add_argument("store")
     p = sub.add_parser("verify", help="recompute checksums and check shapes, dtypes and finite values; "
-                       "records the result in the store")
+                       "records the result in the store",
+                       description="Read every image chunk of every level and compare it with the crc32c recorded "
+                                   "at ingest; check the poses, CTF and index arrays (shape, dtype, finite values, "
+                                   "checksum) and that no chunk file is missing. Exit 0 with 'ok: ...', or exit 2 "
+                                   "with one error line naming the first damaged chunk and its particles. The "
+                                   "result is recorded in the store (unless --no-record); training refuses a store "
+                                   "whose recorded verification failed (data.allow_unverified=true overrides).")
     p.add_argument("store")
     p.add_argument("--no-record", action="store_true",
                    help="do not write the result into the store's attributes (training refuses a store whose "
                         "recorded verification failed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("export", help="write a store's particles as .mrcs, or their original .star/.cs rows")
+    p = sub.add_parser("export", help="write a store's particles as .mrcs, or their original .star/.cs rows",
+                       description="Write a store's particles (all, or those of --ind, at the full box or --level) "
+                                   "as an .mrcs stack, or their original .star/.cs rows (every column, pointing at "
+                                   "the original stacks), or with --new-stack both a new .mrcs and a .star/.cs "
+                                   "describing it.")
     p.add_argument("store")
     p.add_argument("-o", "--out", required=True,
                    help="OUT.mrcs (images), OUT.star or OUT.cs (the particles' original rows from the source "

@@ -132,6 +132,51 @@ def check_ctf(params, source) -> np.ndarray:
     return params
 
 
+# Only the physical box (box x pixel size, in A) of the CTF rows must match the images: images
+# Fourier-cropped after the CTF was estimated keep the extent (training uses the CTF's
+# D * apix / stored box as pixel size). Pixel sizes in headers are often rounded, hence a
+# small tolerance for a warning and a large one before refusing.
+EXTENT_WARN = 0.02
+EXTENT_ERROR = 0.2
+
+
+def _span(values: np.ndarray, fmt: str) -> str:
+    lo, hi = float(values.min()), float(values.max())
+    return format(lo, fmt) if lo == hi else f"{lo:{fmt}} to {hi:{fmt}}"
+
+
+def check_ctf_matches_images(params: np.ndarray, D: int, apix: float | None, source, images) -> str | None:
+    """Compare the CTF rows' box and pixel size (columns 0, 1 of (N, 9) ``params``) with the
+    images' (box ``D`` px, ``apix`` A/px or None when unknown).
+
+    FormatError when both the box and the physical extent (box x pixel size) disagree by
+    more than :data:`EXTENT_ERROR` (a CTF table from another dataset); otherwise a warning
+    (returned, one line) when the extents differ by more than :data:`EXTENT_WARN`, or the
+    boxes differ and the images' pixel size is unknown; else None.
+    """
+    params = np.asarray(params)
+    if params.size == 0:
+        return None
+    box, px = params[:, 0].astype(np.float64), params[:, 1].astype(np.float64)
+    ctf_desc = f"the CTF rows are for box {_span(box, '.0f')} px at {_span(px, '.4g')} A/px"
+    if apix is None or not apix > 0:
+        if np.any(box != D):
+            return (f"{source}: {ctf_desc} but the images {images} are {D} px with an unknown pixel size; make sure "
+                    "the CTF parameters belong to these images")
+        return None
+    extent, image_extent = box * px, D * float(apix)
+    rel = np.abs(extent / image_extent - 1)
+    desc = (f"{ctf_desc} ({_span(extent, '.4g')} A across) but the images {images} are {D} px at {apix:.4g} A/px "
+            f"({image_extent:.4g} A)")
+    if rel.max() > EXTENT_ERROR and np.any(box != D):
+        raise FormatError(f"{source}: {desc}: these CTF parameters are not for these images (another dataset?); "
+                          "give the matching ctf.pkl")
+    if rel.max() > EXTENT_WARN:
+        return (f"{source}: {desc}; check that the CTF parameters belong to these images (training uses the CTF "
+                "rows' pixel size)")
+    return None
+
+
 def save_ctf(path: str | os.PathLike, params: np.ndarray) -> None:
     """Write cryoDRGN's ``ctf.pkl``: a pickle of the (N, 9) float32 array."""
     params = check_ctf(params, path)

@@ -230,6 +230,29 @@ def check_poses(rots, trans, source) -> tuple[np.ndarray, np.ndarray]:
     return rots, trans
 
 
+# A translation is the particle's offset as a fraction of the box: beyond half the box the
+# particle's centre lies outside the image, which no refinement produces.
+MAX_TRANSLATION = 0.5
+
+
+def check_translation_scale(trans: np.ndarray, source, D: int | None = None) -> None:
+    """FormatError if any translation (N, 2) exceeds half the box in x or y: such values are
+    almost surely in pixels (poses parsed without dividing by the box size), not fractions."""
+    trans = np.asarray(trans)
+    if trans.size == 0:
+        return
+    size = np.abs(trans).max(axis=1)
+    worst = int(np.argmax(size))
+    if size[worst] > MAX_TRANSLATION:
+        n_bad = int((size > MAX_TRANSLATION).sum())
+        px = f" (at box {D}: {size[worst] * D:.3g} px)" if D else ""
+        raise FormatError(
+            f"{source}: translations must be fractions of the box (|t| <= {MAX_TRANSLATION}), but {n_bad} of "
+            f"{len(trans)} exceed it, up to {size[worst]:.4g}{px} at row {worst} ({trans[worst, 0]:.4g}, "
+            f"{trans[worst, 1]:.4g}); they look like pixels: were the poses parsed without dividing by the box "
+            "size? (distdrgn parse-poses divides by it)")
+
+
 def save_poses(path: str | os.PathLike, rots: np.ndarray, trans: np.ndarray) -> None:
     """Write cryoDRGN's ``poses.pkl``: a pickle of the tuple (rots, trans), float32."""
     rots, trans = check_poses(rots, trans, path)

@@ -15,18 +15,22 @@ loss. The kernels remove that traffic (docs/conventions.md, "Performance model")
   squared error in one pass; backward emits the gradient of the last hidden activations.
 
 ``model.kernels`` picks them: ``torch`` is the reference path, ``fused`` these kernels,
-``auto`` the kernels when they can run (a CUDA device, Triton importable, the Fourier
-domain with a sinusoidal encoding) and the reference otherwise. Under ``TRITON_INTERPRET=1``
+``compile`` the reference path through ``torch.compile`` (inductor: Triton on CUDA, C++ on
+the CPU; :func:`distdrgn.model.compiled_slice_mse`), ``auto`` the kernels when they can run
+(a CUDA device, Triton importable, the Fourier domain with a sinusoidal encoding) and the
+reference otherwise. Under ``TRITON_INTERPRET=1``
 the kernels also run on CPU tensors (slowly), which is how CI tests them.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: distdrgn.config imports KERNEL_CHOICES without loading torch
+    import torch
 
-KERNEL_CHOICES = ("auto", "fused", "torch")
+KERNEL_CHOICES = ("auto", "fused", "compile", "torch")
 
 
 def interpreting() -> bool:
@@ -58,16 +62,35 @@ def fused_unsupported_reason(device: torch.device, pe_type: str, domain: str) ->
     return None
 
 
-def resolve_kernels(choice: str, device: torch.device, pe_type: str, domain: str) -> tuple[str, str]:
-    """``model.kernels`` -> ("fused" | "torch", the reason, for the log).
+def compile_unsupported_reason(device: torch.device) -> str | None:
+    """Why ``torch.compile``'s inductor cannot generate code for ``device`` (None when it can)."""
+    if device.type == "cuda":
+        err = triton_import_error()
+        return f"inductor generates Triton code on CUDA: {err}" if err else None
+    if device.type == "cpu":
+        import shutil
 
-    ``fused`` that cannot run raises ValueError with the reason; ``auto`` falls back to torch.
-    Under the interpreter, ``auto`` stays on torch: interpreted kernels are for tests.
+        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+            return "inductor compiles C++ on the CPU and no C++ compiler (g++, c++, clang++) is on the PATH"
+        return None
+    return f"torch.compile is not supported here on {device.type}"
+
+
+def resolve_kernels(choice: str, device: torch.device, pe_type: str, domain: str) -> tuple[str, str]:
+    """``model.kernels`` -> ("fused" | "compile" | "torch", the reason, for the log).
+
+    ``fused`` or ``compile`` that cannot run raise ValueError with the reason; ``auto`` falls
+    back to torch. Under the interpreter, ``auto`` stays on torch: interpreted kernels are for tests.
     """
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"model.kernels must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
     if choice == "torch":
         return "torch", "model.kernels=torch"
+    if choice == "compile":
+        reason = compile_unsupported_reason(device)
+        if reason:
+            raise ValueError(f"model.kernels=compile: {reason}")
+        return "compile", "model.kernels=compile (torch.compile of the reference decoder)"
     reason = fused_unsupported_reason(device, pe_type, domain)
     if choice == "fused":
         if reason:

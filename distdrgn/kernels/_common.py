@@ -20,7 +20,7 @@ BLOCK_G = 32  # encoded frequencies per inner step (sin and cos: 2 x 32 of the f
 BACKEND_BLOCK_N = 64  # hidden units per step of the output layer (memory-bound: a smaller tile, no spills)
 
 # Warps and pipeline stages per kernel. Chosen by compiling for sm_90 without a GPU
-# (``python -m distdrgn.kernels.aot``, README "GPU kernels and throughput"): the largest tiles
+# (``python -m distdrgn.kernels.aot``, docs/kernels.md): the largest tiles
 # that leave no register spills. Speed on a GPU is still unmeasured.
 LAUNCH = {
     "frontend_fwd": {"num_warps": 4, "num_stages": 3},

@@ -16,7 +16,7 @@ A store is one Zarr v3 group::
 and group attributes (format, version, complete, levels, provenance, norm, ...).
 
 Chunk and shard sizes come from :func:`plan_layout`; the defaults were chosen with
-``benchmarks/store_layout.py`` (README, "Layout choices (measured)").
+``benchmarks/store_layout.py`` (docs/data.md, "Layout choices"; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ MIN_SHARDS = 32
 INGEST_MEMORY_BUDGET = 2 << 30
 TASK_MEMORY_FACTOR = 4
 MAX_DEFAULT_WORKERS = 8
-# Lossless codecs buy ~7% on noisy float32 particles at a large read cost (README, "Layout choices (measured)"),
+# Lossless codecs buy ~7% on noisy float32 particles at a large read cost (docs/data.md, "Layout choices"; benchmarks/RESULTS.md),
 # so stores are written uncompressed by default.
 DEFAULT_CODEC = "none"
 CODECS = ("none", "zstd", "blosc-zstd-bitshuffle", "blosc-lz4-shuffle")

@@ -4,6 +4,16 @@ Opening reads only metadata (``zarr.json`` files); images are read chunk by chun
 demand, so any number of processes can open the same store concurrently and none of them
 holds the whole dataset in memory. Poses, CTF and original indices are small and loaded
 lazily on first access.
+
+With ``verify_chunks`` (the default) every image chunk is checked against the crc32c recorded
+at ingest each time it is read, and each metadata array (poses, CTF, original indices)
+against its recorded crc32c when it is first loaded: a damaged store fails at the read, naming
+the chunk and its particles, instead of training on wrong values. The metadata is checked on
+first access rather than in ``open`` because data-loader workers open the store only to read
+image chunks and would otherwise each re-read every pose and CTF row. crc32c runs at several
+GB/s, a small cost next to the read itself (``benchmarks/loader_throughput.py --no-verify``
+measures it). ``verify_chunks=False`` (training's ``data.allow_unverified=true``) reads the
+values as they are.
 """
 
 from __future__ import annotations
@@ -49,8 +59,9 @@ def read_store_attrs(path: Path) -> dict:
 class ParticleStore:
     """A complete particle store opened at one level (box size ``D``)."""
 
-    def __init__(self, path: Path, attrs: dict, level: int):
+    def __init__(self, path: Path, attrs: dict, level: int, verify_chunks: bool = True):
         self.path = Path(path)
+        self.verify_chunks = bool(verify_chunks)
         self.attrs = attrs
         self.levels: list[int] = [int(d) for d in attrs["levels"]]
         self.full_D = int(attrs["D"])
@@ -70,8 +81,12 @@ class ParticleStore:
         self._file_present = np.zeros(-(-self.n // self.file_images), dtype=bool)
 
     @classmethod
-    def open(cls, path, level: int | None = None) -> "ParticleStore":
-        """Open a complete store; ``level`` is a box size from ``levels`` (default: the full size)."""
+    def open(cls, path, level: int | None = None, verify_chunks: bool = True) -> "ParticleStore":
+        """Open a complete store; ``level`` is a box size from ``levels`` (default: the full size).
+
+        ``verify_chunks``: check each image chunk read and each metadata array loaded against
+        the checksums recorded at ingest (StoreError on a mismatch); False reads them unchecked.
+        """
         path = Path(path)
         attrs = read_store_attrs(path)
         levels = [int(d) for d in attrs["levels"]]
@@ -79,7 +94,7 @@ class ParticleStore:
         if level not in levels:
             raise StoreError(f"{path}: no images at box size {level}; stored levels are {levels}")
         try:
-            return cls(path, attrs, level)
+            return cls(path, attrs, level, verify_chunks)
         except (KeyError, FileNotFoundError, ValueError) as exc:
             raise StoreError(f"{path}: damaged store ({type(exc).__name__}: {exc})") from None
 
@@ -91,7 +106,7 @@ class ParticleStore:
 
     def at_level(self, level: int) -> "ParticleStore":
         """The same store opened at another box size."""
-        return ParticleStore.open(self.path, level)
+        return ParticleStore.open(self.path, level, verify_chunks=self.verify_chunks)
 
     # ---- images -------------------------------------------------------------------------
     def chunk_range(self, chunk_id: int) -> tuple[int, int]:
@@ -138,23 +153,43 @@ class ParticleStore:
         self._check_files(np.arange(start // self.file_images, (stop - 1) // self.file_images + 1))
 
     def read_chunk(self, chunk_id: int) -> np.ndarray:
-        """float32 (stop - start, D, D) images of one chunk, in one read."""
-        start, stop = self.chunk_range(chunk_id)
-        self._check_range(start, stop)
-        return np.asarray(self._images[start:stop], dtype=np.float32)
+        """float32 (stop - start, D, D) images of one chunk, in one read (checksum-checked
+        with ``verify_chunks``)."""
+        return np.asarray(self.raw_chunk(chunk_id), dtype=np.float32)
 
     def raw_chunk(self, chunk_id: int) -> np.ndarray:
-        """A chunk's values in the stored dtype (what the checksums cover)."""
+        """A chunk's values in the stored dtype (what the checksums cover); with
+        ``verify_chunks`` StoreError if they do not match the checksum recorded at ingest."""
         start, stop = self.chunk_range(chunk_id)
         self._check_range(start, stop)
-        return np.asarray(self._images[start:stop])
+        raw = np.asarray(self._images[start:stop])
+        if self.verify_chunks:
+            self._check_chunk(chunk_id, raw)
+        return raw
+
+    @cached_property
+    def _chunk_crcs(self) -> np.ndarray | None:
+        return self.checksums()
+
+    def _check_chunk(self, chunk_id: int, raw: np.ndarray) -> None:
+        """StoreError if chunk ``chunk_id``'s values ``raw`` (stored dtype) do not match its recorded crc32c."""
+        crcs = self._chunk_crcs
+        if crcs is None or crcs.shape != (self.n_chunks,):
+            raise StoreError(f"{self.path}: the chunk checksums at box {self.D} are missing or have the wrong length; "
+                             "the store is damaged, re-ingest it (or read it unchecked: data.allow_unverified=true)")
+        if crc32c_array(raw) != int(crcs[chunk_id]):
+            start, stop = self.chunk_range(chunk_id)
+            raise StoreError(f"{self.path}: checksum mismatch in chunk {chunk_id} (particles {start}-{stop - 1}) at box "
+                             f"{self.D}: these particles (store positions) are damaged; re-ingest the store, or set "
+                             "data.allow_unverified=true to train on it anyway")
 
     def images(self, indices) -> np.ndarray:
         """float32 (k, D, D) images at store positions ``indices``, in that order.
 
         Each chunk holding a requested image is read once (only the span between its first
-        and last requested image); no other chunk is touched. StoreError if a chunk file
-        holding one of them is missing.
+        and last requested image, or with ``verify_chunks`` the whole chunk, which its checksum
+        covers: zarr decodes whole chunks anyway); no other chunk is touched. StoreError if a
+        chunk file holding one of them is missing or a chunk does not match its checksum.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = np.empty((idx.size, self.D, self.D), dtype=np.float32)
@@ -168,8 +203,15 @@ class ParticleStore:
         self._check_files(np.unique(sorted_idx // self.file_images))
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
         for group in np.split(np.arange(idx.size), bounds):
-            lo, hi = int(sorted_idx[group[0]]), int(sorted_idx[group[-1]]) + 1
-            block = np.asarray(self._images[lo:hi], dtype=np.float32)
+            if self.verify_chunks:
+                c = int(chunk_of[group[0]])
+                lo = self.chunk_range(c)[0]
+                raw = np.asarray(self._images[slice(*self.chunk_range(c))])
+                self._check_chunk(c, raw)
+                block = raw.astype(np.float32, copy=False)
+            else:
+                lo, hi = int(sorted_idx[group[0]]), int(sorted_idx[group[-1]]) + 1
+                block = np.asarray(self._images[lo:hi], dtype=np.float32)
             out[order[group]] = block[sorted_idx[group] - lo]
         return out
 
@@ -181,24 +223,34 @@ class ParticleStore:
             return None
         return np.asarray(arr[...])
 
+    def _metadata(self, name: str) -> np.ndarray | None:
+        """A metadata array (poses, CTF, original indices), checked against the crc32c recorded at
+        ingest (``metadata_crc32c``) with ``verify_chunks``."""
+        values = self._array(name)
+        recorded = (self.attrs.get("metadata_crc32c") or {}).get(name)
+        if self.verify_chunks and values is not None and recorded is not None and f"{crc32c_array(values):08x}" != recorded:
+            raise StoreError(f"{self.path}: checksum mismatch in {name}: the store's metadata is damaged; re-ingest "
+                             "the store, or set data.allow_unverified=true to train on it anyway")
+        return values
+
     @cached_property
     def poses(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(rots (n, 3, 3) float32, trans (n, 2) float32 as a fraction of the box) or None."""
         if not self.attrs.get("has_poses"):
             return None
-        return self._array(L.ROTS), self._array(L.TRANS)
+        return self._metadata(L.ROTS), self._metadata(L.TRANS)
 
     @cached_property
     def ctf(self) -> np.ndarray | None:
         """(n, 9) float32 in ctf.pkl layout, with the box and pixel size of the source images."""
         if not self.attrs.get("has_ctf"):
             return None
-        return self._array(L.CTF)
+        return self._metadata(L.CTF)
 
     @cached_property
     def original_index(self) -> np.ndarray:
         """(n,) int64: the position of each stored image in the source particle list."""
-        return self._array(L.ORIGINAL_INDEX)
+        return self._metadata(L.ORIGINAL_INDEX)
 
     def norm(self, level: int | None = None) -> dict:
         """{"mean", "std", "ht_std", "ht_std_nowindow", "n_sampled"} at ``level`` (default: this one)."""

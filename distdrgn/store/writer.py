@@ -24,6 +24,7 @@ How it stays safe and small:
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import platform
@@ -70,6 +71,27 @@ def _load_ctf(ctf, n: int) -> np.ndarray:
     if arr.shape != (n, 9):
         raise FormatError(f"{ctf}: CTF parameters have shape {arr.shape}, expected ({n}, 9) for {n} images")
     return arr
+
+
+def _check_metadata_against_images(particles, poses, ctf, source, original_index, trans, ctf_arr) -> None:
+    """Poses and CTF that have the right count but do not fit the images: translations of a
+    poses.pkl in pixels (FormatError), CTF rows of another box / pixel size (FormatError when grossly
+    inconsistent, else a warning on stderr). Only the ingested rows are checked."""
+    import sys
+
+    from distdrgn.formats.ctf_params import check_ctf_matches_images
+    from distdrgn.formats.poses import check_translation_scale
+
+    if poses is not None and trans is not None:
+        # only a poses.pkl: translations parsed here from a .star/.cs were divided by the box
+        # by distdrgn's own parser (and test fixtures pair real origins with tiny stacks)
+        check_translation_scale(trans[original_index], poses, int(source.D))
+    if ctf_arr is not None:
+        apix = None if source.apix is None else float(source.apix)
+        warning = check_ctf_matches_images(ctf_arr[original_index], int(source.D), apix,
+                                           ctf if ctf is not None else particles, particles)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 @dataclass
@@ -186,13 +208,23 @@ def _run_tasks(job: _Job, todo: list[int], workers: int, scheduler: str, progres
     from dask.callbacks import Callback
     from tqdm import tqdm
 
-    tasks = [dask.delayed(_write_shard, pure=False, name=f"ingest-shard-{s}")(job, s) for s in todo]
-    bar = tqdm(total=total, initial=total - len(todo), unit="shard", desc="ingest", disable=not progress)
+    # dask_key_name names the task itself (delayed(..., name=) would only name the function,
+    # and the bar, matching on the key, stayed at 0 until the end)
+    tasks = [dask.delayed(_write_shard, pure=False)(job, s, dask_key_name=f"ingest-shard-{s}") for s in todo]
+    n = len(job.original_index)
+    shard_images = job.plan[job.full_D].shard_images
+
+    def images_of(shard: int) -> int:
+        return min(n, (shard + 1) * shard_images) - shard * shard_images
+
+    # counted in images, as each shard task finishes (a shard is the unit of work and of resuming)
+    bar = tqdm(total=n, initial=n - sum(images_of(s) for s in todo), unit="img", unit_scale=True,
+               desc=f"ingest ({total} shards)", disable=not progress)
 
     class _Bar(Callback):
         def _posttask(self, key, result, dsk, state, worker_id):
             if str(key).startswith("ingest-shard-"):
-                bar.update(1)
+                bar.update(images_of(int(result)))
 
     # Our own executor, so that on a failure we can wait for the shards still being written
     # before the caller removes the partial store (dask returns at the first exception).
@@ -239,15 +271,80 @@ def ingest(
     (or supplying, when the .star/.cs lacks them) the file's CTF values, as in
     ``distdrgn parse-ctf``. ``allow_nonfinite``: store images with NaN/inf pixels instead of
     refusing them (recorded in the store's attributes; for testing). Returns the store path. Raises DistdrgnError subclasses for bad input.
+
+    While it runs it holds ``OUT.lock`` (:mod:`distdrgn.store.lock`): a second ingest of the
+    same output is refused, naming the holder. It refuses to start when the output's file
+    system has less free space than the store needs uncompressed; a full disk mid-way
+    (ENOSPC, EDQUOT) is a StoreError that keeps the partial store, which a rerun resumes.
     """
-    from distdrgn.formats.particles import resolve_particles
+    from distdrgn.store.lock import OutputLock
 
     out = Path(out)
-    partial = out.with_name(out.name + L.PARTIAL_SUFFIX)
     if dtype not in L.DTYPES:
         raise StoreError(f"{out}: --dtype must be one of {', '.join(L.DTYPES)}, got {dtype!r}")
     if codec not in L.CODECS:
         raise StoreError(f"{out}: unknown codec {codec!r}; choose one of {', '.join(L.CODECS)}")
+    _check_output_folder(out)
+    # one ingest per output at a time: a second one would race on the partial store's files
+    with OutputLock(out):
+        try:
+            return _ingest(particles, out, poses=poses, ctf=ctf, datadir=datadir, D=D, dtype=dtype, ind=ind,
+                           extra_levels=extra_levels, force=force, workers=workers, progress=progress, codec=codec,
+                           scheduler=scheduler, layout_overrides=layout_overrides,
+                           metadata_options=metadata_options, allow_nonfinite=allow_nonfinite)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # the partial store is kept: the shards already written are reused by a rerun
+            raise StoreError(f"{out}: {exc.strerror or 'no space left on device'} while writing "
+                             f"{out.name}{L.PARTIAL_SUFFIX}; free some space, then rerun the same command: it "
+                             "resumes where it stopped") from None
+
+
+def estimated_store_bytes(n: int, levels, itemsize: int, has_poses: bool, has_ctf: bool) -> int:
+    """Bytes a store of ``n`` images at box sizes ``levels`` takes uncompressed (compression ratio 1):
+    every level's images, the original indices, poses (rots + trans) and CTF rows."""
+    images = sum(n * d * d * itemsize for d in levels)
+    return images + n * (8 + (9 + 2) * 4 * has_poses + 9 * 4 * has_ctf)
+
+
+def _check_free_space(out: Path, n: int, levels, itemsize: int, has_poses: bool, has_ctf: bool,
+                      remaining: float) -> None:
+    """StoreError if the file system of ``out`` has less free space than the ``remaining``
+    fraction of the store still to write needs (estimated uncompressed: the default codec
+    stores raw values, and a compressed one only needs less)."""
+    need = int(estimated_store_bytes(n, levels, itemsize, has_poses, has_ctf) * remaining)
+    folder = Path(os.path.abspath(out)).parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise StoreError(f"{out}: not enough free disk space: the store needs about {need / 1e9:.2f} GB "
+                         f"({n} images at box {', '.join(map(str, levels))}, {itemsize} bytes per pixel, uncompressed) "
+                         f"but {folder} has {free / 1e9:.2f} GB free; free some space or choose another output folder")
+
+
+def _check_output_folder(out: Path) -> None:
+    """StoreError (one line) unless ``out``'s folder is, or can be created as, a writable folder;
+    then create it (as zarr would), so the lock file can be made beside ``out``."""
+    parent = Path(os.path.abspath(out)).parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StoreError(f"{out}: {existing} is a file, not a folder; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"{out}: the folder {existing} is not writable; choose another output path")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{out}: cannot create the output folder {parent} ({exc.strerror or exc})") from None
+
+
+def _ingest(particles, out: Path, *, poses, ctf, datadir, D, dtype, ind, extra_levels, force, workers, progress,
+            codec, scheduler, layout_overrides, metadata_options, allow_nonfinite) -> Path:
+    """:func:`ingest` once the output's lock is held."""
+    from distdrgn.formats.particles import resolve_particles
+
+    partial = out.with_name(out.name + L.PARTIAL_SUFFIX)
     inputs = [p for p in (particles, poses, ctf, ind, datadir) if isinstance(p, (str, os.PathLike))]
     if out.exists() or out.is_symlink():
         if not force:
@@ -295,6 +392,8 @@ def ingest(
         if ctf_arr.shape != (n_source, 9):
             raise FormatError(f"{particles}: CTF parameters have shape {ctf_arr.shape}, expected ({n_source}, 9)")
 
+    _check_metadata_against_images(particles, poses, ctf, source, original_index, trans, ctf_arr)
+
     itemsize = np.dtype(dtype).itemsize
     plan = L.plan_layout(n, full_D, itemsize, levels, **(layout_overrides or {}))
     request = {
@@ -334,6 +433,9 @@ def ingest(
 
     source_apix = None if source.apix is None else float(source.apix)
     apix = None if source_apix is None else source_apix * source_D / full_D
+    n_shards = -(-n // plan[full_D].shard_images)
+    done = {s for s in range(n_shards) if _progress_path(partial, s).is_file()} if partial.exists() else set()
+    _check_free_space(out, n, levels, itemsize, rots is not None, ctf_arr is not None, 1 - len(done) / n_shards)
     if fresh_dir or not partial.exists():
         from distdrgn.store.source_table import read_source
 
@@ -341,7 +443,6 @@ def ingest(
         _create_partial(partial, plan, levels, full_D, n, dtype, codec, request, original_index, rots, trans, ctf_arr,
                         source_tables=source_tables)
 
-    n_shards = -(-n // plan[full_D].shard_images)
     done = {s for s in range(n_shards) if _progress_path(partial, s).is_file()}
     todo = [s for s in range(n_shards) if s not in done]
     job = _Job(

@@ -1,0 +1,198 @@
+"""The headline command as a cluster runs it: one torchrun agent per host, ``--nnodes 4``, on
+one machine made into four hosts (tests/multihost.py).
+
+- four hosts on loopback addresses, and four hosts in network namespaces joined by a bridge:
+  ``configs/large.yaml`` (small-model overrides) with each host training from its own copy of
+  the store, into one shared run directory, ends bit for bit where ``--standalone`` with four
+  processes ends;
+- a node lost (``--nnodes 3:4``): the remaining three re-form, resume from the last step
+  checkpoint and finish with every particle trained on exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multihost import (
+    REPO,
+    check_exactly_once,
+    children,
+    free_port,
+    kill_agent,
+    listening_addresses,
+    loopback_hosts,
+    netns_hosts,
+    netns_unavailable,
+    read_trace,
+    start_agent,
+    start_standalone,
+    stop_all,
+    tails,
+    wait_all,
+    wait_until,
+)
+
+pytestmark = pytest.mark.multinode
+
+LARGE = str(REPO / "configs" / "large.yaml")
+EPOCHS = 2
+SEED = 0  # large.yaml's train.seed (the default)
+SHUFFLE_CHUNKS = 8  # large.yaml's train.shuffle_chunks
+# After a node is lost, torchrun's agents do not agree on TORCHELASTIC_RESTART_COUNT: an agent
+# whose workers were still healthy when the others re-entered the rendezvous restarts them as a
+# membership change, which is not counted. Workers joining through the agent's store under an
+# attempt_<restart count> prefix (distdrgn.runtime.init_restartable_process_group) then use
+# different prefixes on different nodes, and one of them finds the dead round's gloo addresses.
+# Without the shared store every round's rank 0 worker starts a fresh store on a fresh port.
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def train_args(store: Path, run: Path, trace: Path, tiny_overrides, step_delay_s: float = 0.0, **extra) -> list[str]:
+    """large.yaml with a seconds-long model; the metrics port off (tests run side by side)."""
+    settings = {"train.epochs": EPOCHS, "train.batch_size": 8, "train.num_workers": 0, "train.log_every": 1000,
+                "metrics.port": "null", "debug.trace_samples": str(trace), "debug.step_delay_s": step_delay_s,
+                **extra}
+    return [LARGE, *tiny_overrides(store, run, **settings)]
+
+
+def stage(store: Path, folder: Path) -> Path:
+    """A host's node-local copy of the store (what launch/slurm_multinode.sbatch's STAGE_TO does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    local = folder / store.name
+    shutil.copytree(store, local)
+    return local
+
+
+@pytest.fixture(scope="module")
+def store(small_dataset):
+    from distdrgn.store import ParticleStore
+
+    return ParticleStore.open(small_dataset["store"])
+
+
+@pytest.fixture(scope="module")
+def standalone_run(small_dataset, tiny_overrides, tmp_path_factory) -> Path:
+    """The reference: ``torchrun --standalone --nproc_per_node 4`` on the shared store."""
+    tmp = tmp_path_factory.mktemp("standalone")
+    run, log = tmp / "run", tmp / "torchrun.log"
+    proc = start_standalone(4, train_args(small_dataset["store"], run, tmp / "trace", tiny_overrides), log)
+    try:
+        assert wait_all([proc], [log]) == [0], tails([log])
+    finally:
+        stop_all([proc])
+    return run
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    import torch
+
+    from distdrgn.checkpoint import load_weights, load_z
+
+    za, zb = load_z(a / "z.pkl"), load_z(b / "z.pkl")
+    for x, y in zip(za, zb):
+        np.testing.assert_array_equal(x, y)
+    assert (a / "z.pkl").read_bytes() == (b / "z.pkl").read_bytes()
+    wa, wb = load_weights(a / "weights.pkl"), load_weights(b / "weights.pkl")
+    for k in wa["model_state_dict"]:
+        assert torch.equal(wa["model_state_dict"][k], wb["model_state_dict"][k]), k
+
+
+@pytest.mark.parametrize("network", ["loopback", "netns"])
+def test_four_hosts_end_bitwise_where_standalone_ends(network, small_dataset, tiny_overrides, standalone_run,
+                                                      tmp_path):
+    if network == "netns" and (why := netns_unavailable()):
+        pytest.skip(f"network namespaces unavailable: {why}")
+    make_hosts = loopback_hosts if network == "loopback" else netns_hosts
+    run, trace = tmp_path / "run", tmp_path / "trace"
+    with make_hosts(4) as hosts:
+        port = free_port()
+        logs = [tmp_path / f"{h.name}.log" for h in hosts]
+        procs = []
+        try:
+            for h, log in zip(hosts, logs):
+                local = stage(small_dataset["store"], tmp_path / h.name / "local")  # each host's own copy
+                # a small delay per step keeps the workers alive long enough to look at their sockets
+                procs.append(start_agent(h, hosts, port, train_args(local, run, trace, tiny_overrides, 0.1), log,
+                                         run_id=f"four-{network}"))
+
+            def sockets_of_every_worker():
+                """host -> addresses its worker listens on, once every worker listens (gloo)."""
+                seen = {}
+                for h, p in zip(hosts, procs):
+                    addrs = set().union(*[listening_addresses(pid) for pid in children(p.pid)])
+                    if not addrs:
+                        return None
+                    seen[h] = addrs
+                return seen
+
+            def training():
+                return len(read_trace(trace)) and all(len(a["steps"]) >= 4 for a in read_trace(trace).values())
+
+            wait_until(training, "all four workers training", procs, logs=logs)
+            listening = wait_until(sockets_of_every_worker, "the workers' gloo sockets", procs, logs=logs)
+            assert wait_all(procs, logs) == [0, 0, 0, 0], tails(logs)
+        finally:
+            stop_all(procs)
+    # each host's worker listened on its own address only (gloo bound to GLOO_SOCKET_IFNAME)
+    for h, addrs in listening.items():
+        if h.gloo_ifname != "lo":  # not root: every worker's gloo is on 127.0.0.1
+            assert addrs == {h.addr}, (h, addrs)
+    attempts = read_trace(trace)
+    assert len(attempts) == 1 and next(iter(attempts.values()))["world_size"] == 4
+    assert len(next(iter(attempts.values()))["pids"]) == 4
+    log_text = (run / "run.log").read_text()
+    assert "4 process(es)" in log_text
+    assert_same_run(standalone_run, run)
+
+
+def test_a_node_lost_the_rest_reform_resume_and_see_each_particle_once(small_dataset, tiny_overrides, store,
+                                                                       tmp_path):
+    """``--nnodes 3:4``: host 4's agent and worker are SIGKILLed mid-epoch 1; the other three
+    restart their workers (``--max-restarts``), re-form a 3-node group and resume from the
+    newest step checkpoint."""
+    from distdrgn.checkpoint import load_z
+
+    run, trace = tmp_path / "run", tmp_path / "trace"
+    with loopback_hosts(4) as hosts:
+        port = free_port()
+        logs = [tmp_path / f"{h.name}.log" for h in hosts]
+        args = train_args(small_dataset["store"], run, trace, tiny_overrides, 0.15,
+                          **{"train.checkpoint_every_steps": 2})
+        procs = []
+        try:
+            for h, log in zip(hosts, logs):
+                # last_call: once three nodes are in, a round waits that long for a fourth
+                procs.append(start_agent(h, hosts, port, args, log, nnodes="3:4", run_id="node-lost",
+                                         max_restarts=2, rdzv_conf="last_call_timeout=2", env=ELASTIC_ENV))
+
+            def four_nodes_past_a_checkpoint():
+                # three global steps (a step checkpoint after two) of a 4-process attempt
+                return any(a["world_size"] == 4 and len(a["steps"]) >= 4 * 3 for a in read_trace(trace).values())
+
+            wait_until(four_nodes_past_a_checkpoint, "four nodes training past a step checkpoint", procs, logs=logs)
+            kill_agent(procs[3])
+            assert wait_all(procs[:3], logs) == [0, 0, 0], tails(logs)
+        finally:
+            stop_all(procs)
+    attempts = sorted(check_exactly_once(trace, store, EPOCHS, SEED, SHUFFLE_CHUNKS).values(),
+                      key=lambda a: a["time"])
+    sizes = [a["world_size"] for a in attempts]
+    assert 4 in sizes and sizes[-1] == 3, sizes
+    after = [a for a in attempts if a["time"] > max(b["time"] for b in attempts if b["world_size"] == 4)]
+    assert after and after[0]["resume"] > (1, 0), "the three resumed from a step checkpoint, not from the start"
+    assert after[0]["resume"][0] == 1, "the node was lost in epoch 1"
+    log_text = (run / "run.log").read_text()
+    assert "3 process(es)" in log_text and f"continuing at epoch 1, image {after[0]['resume'][1]}" in log_text
+    # z.pkl: every particle, in store order, from the final weights
+    from distdrgn.encode import encode_store
+    from distdrgn.volumes import load_model
+
+    z_mu, _ = load_z(run / "z.pkl")
+    tm = load_model(run)
+    assert tm.epoch == EPOCHS
+    mu, _ = encode_store(tm.model, tm.prep, store, device="cpu")
+    np.testing.assert_allclose(mu, z_mu, rtol=1e-4, atol=1e-5)

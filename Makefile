@@ -26,7 +26,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m distdrgn.demo --out $(DEMO)
 
+# the dashboard and report tests drive Debian's Chromium (installed here when apt-get can;
+# otherwise those tests skip and say why)
 test: install
+	bash tests/setup/browser.sh
 	$(BIN)/python -m pytest -q tests
 
 clean:

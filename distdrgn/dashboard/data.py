@@ -199,8 +199,10 @@ def load_run(run_dir: str | Path, epoch: int | None = None, store: str | Path | 
 
         st = ParticleStore.open(store_path)
         positions = _positions(cfg, n, st.n)
-        if positions.max(initial=-1) >= st.n:
-            raise DistdrgnError(f"{store_path}: {st.n} particles, but the run has {n} latents")
+        if len(positions) != st.n and np.array_equal(positions, np.arange(n)) or positions.max(initial=-1) >= st.n:
+            # without a data.ind subset the rows of z are the store's particles, one to one
+            raise DistdrgnError(f"{store_path}: {st.n} particles, but the run has {n} latents "
+                                "(is it the store this run was trained on?)")
         if st.ctf is not None:
             ctf = st.ctf[positions]
             cols["defocus (A)"] = (0.5 * (ctf[:, 2] + ctf[:, 3])).astype(np.float32)

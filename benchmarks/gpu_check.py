@@ -142,7 +142,9 @@ def train_rate(device, D, B, kernels, graphs, S, state) -> dict:
     from distdrgn.engine import build_engine
     from distdrgn.model import CryoDRGN, ModelInfo
     from distdrgn.objective import Preprocess
-    from distdrgn.train import Runtime, choose_kernels, train_step
+    from distdrgn.kernels import choose_kernels
+    from distdrgn.runtime import Runtime
+    from distdrgn.train import train_step
 
     cfg = Config()
     cfg.model = ModelConfig(**{**S["net"], "kernels": kernels})
@@ -150,7 +152,7 @@ def train_rate(device, D, B, kernels, graphs, S, state) -> dict:
     amp = torch.bfloat16 if device.type == "cuda" else None
     rt = Runtime(0, 1, device, amp)
     model = CryoDRGN(ModelInfo.from_config(cfg.model, D, seed=0)).to(device)
-    model.kernels, why = choose_kernels(model, kernels, rt)
+    model.kernels, why, _ = choose_kernels(model, kernels, rt.device, rt.amp_dtype)
     engine = build_engine(model, cfg, rt)
     prep = Preprocess(D)
     gen = torch.Generator().manual_seed(0)
@@ -272,7 +274,8 @@ def ddp_worker(cpu: bool) -> None:
     from distdrgn.engine import DDPEngine
     from distdrgn.model import CryoDRGN, ModelInfo
     from distdrgn.objective import Preprocess
-    from distdrgn.train import Runtime, train_step
+    from distdrgn.runtime import Runtime
+    from distdrgn.train import train_step
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if not cpu else torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"

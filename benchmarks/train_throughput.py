@@ -39,7 +39,9 @@ from distdrgn.errors import DistdrgnError  # noqa: E402
 from distdrgn.model import CryoDRGN, ModelInfo  # noqa: E402
 from distdrgn.objective import Batch, Preprocess  # noqa: E402
 from distdrgn.lattice import random_rotations  # noqa: E402
-from distdrgn.train import Runtime, choose_kernels, train_step  # noqa: E402
+from distdrgn.kernels import choose_kernels  # noqa: E402
+from distdrgn.runtime import Runtime  # noqa: E402
+from distdrgn.train import train_step  # noqa: E402
 
 
 def decoder_flops_per_image(D: int, model: ModelConfig) -> float:
@@ -73,7 +75,7 @@ def measure(D: int, B: int, kernels: str, args, device: torch.device) -> dict:
     rt = Runtime(rank=0, world_size=1, device=device, amp_dtype=amp)
     model = CryoDRGN(info).to(device)
     try:  # what training does: resolve, then the start-up check of the fused kernels
-        model.kernels, why = choose_kernels(model, kernels, rt)
+        model.kernels, why, _ = choose_kernels(model, kernels, rt.device, rt.amp_dtype)
     except DistdrgnError as exc:
         return {**row, "note": str(exc)}
     engine = build_engine(model, cfg, rt)

@@ -37,8 +37,7 @@ from distdrgn.debug import DebugHooks
 from distdrgn.encode import encode_segment, gather_segments
 from distdrgn.engine import Engine, build_engine
 from distdrgn.errors import DistdrgnError, Stopped, StoreError
-from distdrgn.kernels import resolve_kernels
-from distdrgn.kernels.check import check_fused
+from distdrgn.kernels import choose_kernels
 from distdrgn.loader import EpochBatches, Metadata, training_batches
 from distdrgn.metrics import TrainingMetrics
 from distdrgn.model import CryoDRGN, ModelInfo
@@ -155,25 +154,6 @@ def load_initial_weights(model: CryoDRGN, path: Path) -> None:
                             f"({str(exc).splitlines()[0]})") from None
 
 
-def choose_kernels(model: CryoDRGN, choice: str, rt: Runtime) -> tuple[str, str]:
-    """``model.kernels`` -> (kernels, why). Fused kernels must first pass their start-up check
-    on this device; ``auto`` falls back to torch when they do not."""
-    try:
-        kernels, why = resolve_kernels(choice, rt.device, model.info.pe_type, model.info.domain)
-    except ValueError as exc:
-        raise DistdrgnError(str(exc)) from None
-    if kernels == "fused":
-        problem = check_fused(model, rt.amp_dtype)
-        if problem and choice == "fused":
-            raise DistdrgnError(f"model.kernels=fused: the fused decoder failed its start-up check on {rt.device}: "
-                                f"{problem} (model.kernels=torch trains with the reference path)")
-        if problem:
-            log.warning("the fused decoder failed its start-up check on %s (%s); training with the PyTorch path",
-                        rt.device, problem)
-            return "torch", f"auto: fused kernels failed their start-up check: {problem}"
-    return kernels, why
-
-
 def build_training_model(cfg: Config, rt: Runtime, info: ModelInfo, ckpt: dict | None) -> tuple[CryoDRGN, Engine]:
     """The model on the device (from ``train.load`` on a fresh start), its kernels, and the
     engine around it with the checkpoint's state when resuming."""
@@ -182,7 +162,9 @@ def build_training_model(cfg: Config, rt: Runtime, info: ModelInfo, ckpt: dict |
         load_initial_weights(model, Path(cfg.train.load))
         log.info("started from the weights of %s", cfg.train.load)
     model = model.to(rt.device)
-    model.kernels, why = choose_kernels(model, cfg.model.kernels, rt)
+    model.kernels, why, warning = choose_kernels(model, cfg.model.kernels, rt.device, rt.amp_dtype)
+    if warning:
+        log.warning(warning)
     log.info("decoder kernels: %s (%s)", model.kernels, why)
     engine = build_engine(model, cfg, rt)
     if ckpt:
@@ -228,28 +210,27 @@ def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: fl
 # ---------------------------------------------------------------------------------------
 
 
-def run_epoch(epoch: int, batches: EpochBatches, carried: DataPosition, *, engine: Engine, prep: Preprocess, beta_at,
-              seed: int, rt: Runtime, checkpointer: Checkpointer, guard: NonfiniteGuard, progress: EpochProgress,
+def run_epoch(epoch: int, batches: EpochBatches, carried: DataPosition, *, step, n_masked: int, beta_at, seed: int,
+              rt: Runtime, checkpointer: Checkpointer, guard: NonfiniteGuard, progress: EpochProgress,
               debug: DebugHooks, stop: StopRequest) -> tuple[list[float], float]:
-    """Train on ``batches`` (the epoch from image ``batches.start`` on). Returns the epoch's
-    image-weighted (loss, mse, kl, images) over all ranks and its seconds, ``carried`` (the
-    part trained before a restart) included. Raises :class:`Stopped` after a step checkpoint
-    when ``stop`` says a signal asked to stop."""
-    lattice = engine.module.lattice
+    """Train on ``batches`` (the epoch from image ``batches.start`` on) with ``step(batch, beta,
+    weight)`` (:func:`train_step`, or its CUDA-graph replay). Returns the epoch's image-weighted
+    (loss, mse, kl, images) over all ranks and its seconds, ``carried`` (the part trained before
+    a restart) included. Raises :class:`Stopped` after a step checkpoint when ``stop`` says a
+    signal asked to stop."""
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, mse, kl (image-weighted), images
     if rt.is_main:  # the part of the epoch trained before the restart, counted once
         sums += torch.tensor(carried.sums, dtype=torch.float64, device=rt.device)
     pending = None  # (epoch, step, batch, non-finite flag) of the step before, read after the next is queued
-    engine.module.train()
     t_epoch, t0 = time.perf_counter(), time.perf_counter()
     for s in batches:
         t_data = time.perf_counter() - t0
         seed_step(seed, epoch, s.lo, rt.rank)
         beta = beta_at(epoch - 1 + s.lo / batches.n)  # the schedule counts epochs trained, from 0
-        terms, nonfinite = train_step(engine, s.batch, prep, lattice, beta, s.loss_weight, rt)
+        terms, nonfinite = step(s.batch, beta, s.loss_weight)
         # the epoch's totals count the images of the steps taken: masked on the device, no wait
         mse, kl = terms.mse.double(), terms.kl.double()
-        per_image = torch.stack([per_image_loss(mse, kl, beta, lattice.n_masked), mse, kl, torch.ones_like(mse)])
+        per_image = torch.stack([per_image_loss(mse, kl, beta, n_masked), mse, kl, torch.ones_like(mse)])
         sums += torch.where(nonfinite > 0, 0.0, per_image * len(s.batch.indices))  # where: NaN * 0 is NaN
         if pending is not None:  # the previous step's flag: its kernels are done by now
             guard.record(*pending)
@@ -352,6 +333,16 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
     debug = DebugHooks(cfg.debug, rank=rt.rank, world_size=rt.world_size, resume=(position.epoch, position.consumed))
     beta_at = parse_beta(cfg.train.beta, info.zdim)
 
+    def step(batch: Batch, beta: float, weight: float):
+        return train_step(engine, batch, prep, model.lattice, beta, weight, rt)
+
+    if cfg.train.cuda_graphs:  # capture the sync-free step once, replay it (the ragged last batch runs eagerly)
+        from distdrgn.cuda_graphs import GraphedStep, check_cuda_graphs
+
+        check_cuda_graphs(rt.device, cfg.train.engine, rt.world_size)
+        step = GraphedStep(step, cfg.train.batch_size, rt.device, engine.optimizer)
+    model.train()
+
     # ---- the epochs ----------------------------------------------------------------------
     try:
         if position.epoch > cfg.train.epochs:
@@ -369,9 +360,9 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
             progress = EpochProgress(epoch, batches.n, batches.start, batches.n_steps, is_main=rt.is_main,
                                      log_every=cfg.train.log_every, n_masked=model.lattice.n_masked, metrics=metrics,
                                      device=rt.device)
-            sums, seconds = run_epoch(epoch, batches, carried, engine=engine, prep=prep, beta_at=beta_at,
-                                      seed=cfg.train.seed, rt=rt, checkpointer=checkpointer, guard=guard,
-                                      progress=progress, debug=debug, stop=stop)
+            sums, seconds = run_epoch(epoch, batches, carried, step=step, n_masked=model.lattice.n_masked,
+                                      beta_at=beta_at, seed=cfg.train.seed, rt=rt, checkpointer=checkpointer,
+                                      guard=guard, progress=progress, debug=debug, stop=stop)
             if rt.is_main:
                 log_epoch(losses, epoch, cfg.train.epochs, sums, seconds, beta_at(epoch - 1), rt.world_size)
             last = epoch == cfg.train.epochs

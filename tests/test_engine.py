@@ -183,7 +183,7 @@ def test_deepspeed_keeps_buffers_float32(old_cast, one_rank_group, monkeypatch):
     import deepspeed
 
     from distdrgn.engine import DeepSpeedEngine
-    from distdrgn.train import Runtime
+    from distdrgn.runtime import Runtime
 
     model, cfg = _small_model_and_cfg()
     originals = {n: b.clone() for n, b in model.named_buffers()}
@@ -210,7 +210,8 @@ def test_deepspeed_step_never_reads_a_device_value_on_the_host(one_rank_group, m
     from distdrgn.engine import build_engine
     from distdrgn.lattice import random_rotations
     from distdrgn.objective import Batch, Preprocess
-    from distdrgn.train import Runtime, train_step
+    from distdrgn.runtime import Runtime
+    from distdrgn.train import train_step
 
     model, cfg = _small_model_and_cfg()
     rt = Runtime(0, 1, torch.device("cpu"), None)
@@ -244,7 +245,7 @@ def test_ddp_does_not_broadcast_constant_buffers(monkeypatch):
     """The DDP wrapper is built with broadcast_buffers=False (buffers are constants)."""
     import distdrgn.engine as engine_module
     from distdrgn.model import CryoDRGN, ModelInfo
-    from distdrgn.train import Runtime
+    from distdrgn.runtime import Runtime
 
     seen = {}
 

@@ -242,19 +242,20 @@ def test_low_precision_bound():
 
 
 def test_training_falls_back_from_auto_and_stops_on_fused_when_the_check_fails(monkeypatch):
-    import distdrgn.train as train_module
+    import distdrgn.kernels as kernels_module
+    import distdrgn.kernels.check as check_module
     from distdrgn.errors import DistdrgnError
 
     model, _ = make_case()
-    rt = train_module.Runtime(0, 1, DEVICE, None)
-    monkeypatch.setattr(train_module, "resolve_kernels", lambda choice, *a: ("fused", f"{choice}: as if on a GPU"))
-    monkeypatch.setattr(train_module, "check_fused", lambda model, amp: "RuntimeError: PTX compile failed")
-    assert train_module.choose_kernels(model, "auto", rt) == (
-        "torch", "auto: fused kernels failed their start-up check: RuntimeError: PTX compile failed")
+    monkeypatch.setattr(kernels_module, "resolve_kernels", lambda choice, *a: ("fused", f"{choice}: as if on a GPU"))
+    monkeypatch.setattr(check_module, "check_fused", lambda model, amp: "RuntimeError: PTX compile failed")
+    kernels, why, warning = kernels_module.choose_kernels(model, "auto", DEVICE, None)
+    assert (kernels, why) == ("torch", "auto: fused kernels failed their start-up check: RuntimeError: PTX compile failed")
+    assert "training with the PyTorch path" in warning
     with pytest.raises(DistdrgnError, match="failed its start-up check .*PTX compile failed"):
-        train_module.choose_kernels(model, "fused", rt)
-    monkeypatch.setattr(train_module, "check_fused", lambda model, amp: None)
-    assert train_module.choose_kernels(model, "auto", rt) == ("fused", "auto: as if on a GPU")
+        kernels_module.choose_kernels(model, "fused", DEVICE, None)
+    monkeypatch.setattr(check_module, "check_fused", lambda model, amp: None)
+    assert kernels_module.choose_kernels(model, "auto", DEVICE, None) == ("fused", "auto: as if on a GPU", None)
 
 
 def test_every_kernel_compiles_for_hopper_without_spills(tmp_path):

@@ -231,7 +231,8 @@ def test_train_step_never_reads_a_device_value_on_the_host(monkeypatch):
     from distdrgn.model import CryoDRGN, ModelInfo
     from distdrgn.objective import Batch, Preprocess
     from distdrgn.simulate import random_rotations
-    from distdrgn.train import Runtime, train_step
+    from distdrgn.runtime import Runtime
+    from distdrgn.train import train_step
 
     cfg = load_config(None, ["model.zdim=2", "model.enc_dim=16", "model.dec_dim=16", "model.enc_layers=2",
                              "model.dec_layers=2"])

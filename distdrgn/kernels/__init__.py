@@ -99,3 +99,29 @@ def resolve_kernels(choice: str, device: torch.device, pe_type: str, domain: str
     if reason is None and device.type == "cuda":
         return "fused", "auto: CUDA device and Triton present"
     return "torch", f"auto: {reason or 'interpreted kernels are for tests only'}"
+
+
+def choose_kernels(model, choice: str, device: torch.device, amp_dtype: torch.dtype | None) -> tuple[str, str, str | None]:
+    """``model.kernels`` for ``model`` on ``device`` -> (kernels, why, warning or None).
+
+    Fused kernels must first pass their start-up check on the training device
+    (:func:`distdrgn.kernels.check.check_fused`): ``fused`` refuses to train when they fail
+    it, ``auto`` falls back to the reference path with a warning.
+    """
+    from distdrgn.errors import DistdrgnError
+    from distdrgn.kernels.check import check_fused
+
+    try:
+        kernels, why = resolve_kernels(choice, device, model.info.pe_type, model.info.domain)
+    except ValueError as exc:
+        raise DistdrgnError(str(exc)) from None
+    if kernels == "fused":
+        problem = check_fused(model, amp_dtype)
+        if problem and choice == "fused":
+            raise DistdrgnError(f"model.kernels=fused: the fused decoder failed its start-up check on {device}: "
+                                f"{problem} (model.kernels=torch trains with the reference path)")
+        if problem:
+            return ("torch", f"auto: fused kernels failed their start-up check: {problem}",
+                    f"the fused decoder failed its start-up check on {device} ({problem}); training with the "
+                    "PyTorch path")
+    return kernels, why, None

@@ -30,20 +30,29 @@ def test_not_a_terminal_gets_plain_lines_not_bar_redraws(monkeypatch):
     assert all(line.startswith("epoch 1: ") and "images" in line for line in lines)
 
 
-def test_run_log_line_uses_the_objective_and_other_ranks_stay_quiet(monkeypatch, caplog):
+def test_run_log_line_uses_the_objective_and_other_ranks_stay_quiet(monkeypatch):
     monkeypatch.setattr("sys.stderr", io.StringIO())
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
     logger = logging.getLogger("distdrgn.train.progress")
-    logger.setLevel(logging.INFO)
-    with caplog.at_level(logging.INFO, logger="distdrgn.train.progress"):
-        logger.propagate = True
+    handler = Keep()
+    monkeypatch.setattr(logger, "handlers", [handler])  # only this test's handler, whatever ran before
+    monkeypatch.setattr(logger, "propagate", False)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the logger's level cache
+    try:
         p = EpochProgress(2, 64, 0, 2, is_main=True, log_every=1, n_masked=100)
         p.update(0, 32, terms(), 0.1, 0.01, 0.0)
         quiet = EpochProgress(2, 64, 0, 2, is_main=False, log_every=1, n_masked=100)
         quiet.update(0, 32, terms(), 0.1, 0.01, 0.0)
-        logger.propagate = False
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1 and "epoch 2 step 1/2" in messages[0]
-    assert "loss 0.502" in messages[0]  # mse + beta * kl / n_masked = 0.5 + 0.1 * 2 / 100
+    finally:
+        logger.setLevel(level)
+    assert len(records) == 1 and "epoch 2 step 1/2" in records[0]
+    assert "loss 0.502" in records[0]  # mse + beta * kl / n_masked = 0.5 + 0.1 * 2 / 100
 
 
 def test_loss_table_appends_and_truncates(tmp_path):

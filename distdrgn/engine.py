@@ -116,7 +116,7 @@ class DDPEngine(Engine):
 
     name = "ddp"
 
-    def __init__(self, model: nn.Module, cfg, runtime):
+    def __init__(self, model: nn.Module, cfg, runtime: Runtime):
         self.module = model
         self.optimizer = build_optimizer(model, cfg, fused=True)
         if runtime.world_size > 1:
@@ -163,7 +163,7 @@ class DDPEngine(Engine):
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
 
 
-def deepspeed_config(cfg, runtime) -> dict[str, Any]:
+def deepspeed_config(cfg, runtime: Runtime) -> dict[str, Any]:
     """The DeepSpeed JSON config equivalent to our training settings."""
     bf16 = runtime.amp_dtype == torch.bfloat16
     zero: dict[str, Any] = {"stage": cfg.train.zero_stage}
@@ -201,7 +201,7 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, cfg, runtime):
+    def __init__(self, model: nn.Module, cfg, runtime: Runtime):
         deepspeed = import_deepspeed()
         self.zero_stage = cfg.train.zero_stage
         self.ds_config = deepspeed_config(cfg, runtime)
@@ -336,7 +336,7 @@ def restore_buffers(module: nn.Module, originals: dict[str, torch.Tensor]) -> No
             owner._buffers[attr] = orig.to(buf.device)
 
 
-def build_engine(model: nn.Module, cfg, runtime) -> Engine:
+def build_engine(model: nn.Module, cfg, runtime: Runtime) -> Engine:
     """The engine named by ``cfg.train.engine`` around ``model`` (already on ``runtime.device``)."""
     if cfg.train.engine == "deepspeed":
         return DeepSpeedEngine(model, cfg, runtime)

@@ -43,6 +43,7 @@ from distdrgn.metrics import TrainingMetrics
 from distdrgn.model import CryoDRGN, ModelInfo
 from distdrgn.nonfinite import NonfiniteGuard, nonfinite_on_any_rank
 from distdrgn.objective import Batch, Preprocess, hartley_std, loss_terms, parse_beta, per_image_loss, prepare_targets
+from distdrgn.output_paths import nearest_existing
 from distdrgn.preemption import StopRequest
 from distdrgn.progress import EpochProgress, LossTable, setup_logging
 from distdrgn.runtime import Runtime, close_process_group, init_runtime
@@ -60,7 +61,7 @@ def check_run_dir(out_dir: Path) -> None:
     (the same answer on a shared file system) so that none waits for a rank 0 that failed."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DistdrgnError(f"output.dir={out_dir}: exists and is not a folder")
-    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    existing = nearest_existing(out_dir)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DistdrgnError(f"output.dir={out_dir}: {existing} is not writable")
 

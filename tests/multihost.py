@@ -261,11 +261,17 @@ def trained_steps(trace: Path) -> int:
 
 
 def check_exactly_once(trace: Path, store, epochs: int, seed: int, window_chunks: int) -> dict[str, dict]:
-    """Rebuild the effective history (each attempt replaces what earlier ones did from its
-    resume point on) and check that every epoch consumed its global order, each particle once."""
+    """:func:`check_attempts_exactly_once` on the traces of ``trace``."""
+    return check_attempts_exactly_once(read_trace(trace), store, epochs, seed, window_chunks)
+
+
+def check_attempts_exactly_once(attempts: dict[str, dict], store, epochs: int, seed: int,
+                                window_chunks: int) -> dict[str, dict]:
+    """Rebuild the effective history of ``attempts`` ({key: {"time", "resume", "steps"}}: each
+    attempt replaces what earlier ones did from its resume point on) and check that every epoch
+    consumed its global order, each particle once."""
     from distdrgn.loader import GlobalOrder
 
-    attempts = read_trace(trace)
     kept: dict[tuple[int, int], list[list[int]]] = {}
     for a in sorted(attempts.values(), key=lambda a: a["time"]):
         for key in [k for k in kept if k >= a["resume"]]:

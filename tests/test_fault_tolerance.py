@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from distdrgn.checkpoint import load_z, resume_points
-from distdrgn.loader import GlobalOrder
+from multihost import check_attempts_exactly_once
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -97,26 +97,7 @@ def kill(pid: int) -> None:
 
 def check_history(tmp: Path, store) -> dict[str, dict]:
     """Rebuild what the run effectively trained on and check it epoch by epoch."""
-    attempts = read_samples(tmp)
-    kept: dict[tuple[int, int], list[list[int]]] = {}
-    for a in sorted(attempts.values(), key=lambda a: a["time"]):
-        for key in [k for k in kept if k >= a["resume"]]:  # redone (or never checkpointed) work
-            del kept[key]
-        for epoch, lo, ids in a["steps"]:
-            kept.setdefault((epoch, lo), []).append(ids)
-    chunks = [store.chunk_range(c) for c in range(store.n_chunks)]
-    for epoch in range(1, EPOCHS + 1):  # numbered from 1
-        sigma = GlobalOrder(chunks, seed=0, epoch=epoch, window_chunks=4).order()
-        los = sorted(lo for e, lo in kept if e == epoch)
-        assert los and los[0] == 0, f"epoch {epoch} does not start at image 0"
-        seen = []
-        for lo, hi in zip(los, los[1:] + [store.n]):
-            ids = np.concatenate(kept[(epoch, lo)])
-            assert np.array_equal(np.sort(ids), np.sort(sigma[lo:hi])), f"epoch {epoch} images {lo}:{hi}"
-            seen.append(ids)
-        seen = np.concatenate(seen)
-        assert len(seen) == store.n and len(np.unique(seen)) == store.n  # every particle exactly once
-    return attempts
+    return check_attempts_exactly_once(read_samples(tmp), store, EPOCHS, seed=0, window_chunks=4)
 
 
 def check_z(run: Path, store) -> None:

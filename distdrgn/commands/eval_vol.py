@@ -88,9 +88,9 @@ def check_output_dir(out: Path) -> None:
         if not os.access(out, os.W_OK | os.X_OK):
             raise DistdrgnError(f"{out}: output directory is not writable")
         return
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    from distdrgn.output_paths import nearest_existing
+
+    existing = nearest_existing(out.parent)
     if not existing.is_dir():
         raise DistdrgnError(f"{out}: cannot create the output directory: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -325,10 +325,10 @@ def _check_free_space(out: Path, n: int, levels, itemsize: int, has_poses: bool,
 def _check_output_folder(out: Path) -> None:
     """StoreError (one line) unless ``out``'s folder is, or can be created as, a writable folder;
     then create it (as zarr would), so the lock file can be made beside ``out``."""
+    from distdrgn.output_paths import nearest_existing
+
     parent = Path(os.path.abspath(out)).parent
-    existing = parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(parent)
     if not existing.is_dir():
         raise StoreError(f"{out}: {existing} is a file, not a folder; choose another output path")
     if not os.access(existing, os.W_OK | os.X_OK):

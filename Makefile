@@ -30,6 +30,7 @@ demo: install
 # otherwise those tests skip and say why)
 test: install
 	bash tests/setup/browser.sh
+	bash tests/setup/slurm.sh
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -1,5 +1,6 @@
-"""Several "hosts" on one machine for the multi-node tests (tests/test_multinode.py,
-tests/test_slurm.py, benchmarks/scaling.py): helpers for tests, not part of the package.
+"""Several "hosts" on one machine for the multi-node tests (tests/test_multinode.py; the trace
+checks also for tests/test_slurm.py): helpers for tests, not part of the package
+(benchmarks/scaling.py --hosts has its own copy of the host set-up: benchmarks do not import tests).
 
 A host is an address, optionally a network namespace, and the interface gloo binds to:
 
@@ -15,7 +16,8 @@ A host is an address, optionally a network namespace, and the interface gloo bin
 
 :func:`start_agent` starts one ``torchrun`` agent per host (c10d rendezvous on the first
 host, ``--local-addr`` = the host's address, so the agent store that the workers join lives
-on the rendezvous rank 0's address). :func:`read_trace` / :func:`check_exactly_once` rebuild
+on the rendezvous rank 0's address); with ``go_file`` the agent has imported torch and waits
+for the file before it joins (a node that comes back at a chosen moment). :func:`read_trace` / :func:`check_exactly_once` rebuild
 what a run trained on from the per-process sample traces (``debug.trace_samples``).
 """
 
@@ -144,13 +146,28 @@ def base_env(host: Host | None = None) -> dict[str, str]:
     return env
 
 
+# torchrun, started only once a file exists: the agent's imports (seconds on a loaded machine)
+# are done before the test lets it join, so it joins the rendezvous when the test says so
+GATED_TORCHRUN = """import os, sys, time
+from torch.distributed import run
+go = sys.argv[1]
+while not os.path.exists(go):
+    time.sleep(0.02)
+sys.argv = ["torchrun", *sys.argv[2:]]
+run.main()
+"""
+
+
 def start_agent(host: Host, hosts: list[Host], port: int, train_args: list[str], log: Path, *,
                 nnodes: str | None = None, run_id: str = "distdrgn-test", max_restarts: int = 0,
-                rdzv_conf: str = "", nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """One torchrun agent for ``host``; the rendezvous is on ``hosts[0]``'s address."""
+                rdzv_conf: str = "", nproc: int = 1, env: dict[str, str] | None = None,
+                go_file: Path | None = None) -> subprocess.Popen:
+    """One torchrun agent for ``host``; the rendezvous is on ``hosts[0]``'s address. With
+    ``go_file`` the agent imports torch, then waits for that file before it starts."""
     is_host = int(host == hosts[0])
     conf = f"is_host={is_host}" + (f",{rdzv_conf}" if rdzv_conf else "")
-    cmd = [*host.prefix(), sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes or str(len(hosts)),
+    launcher = ["-m", "torch.distributed.run"] if go_file is None else ["-c", GATED_TORCHRUN, str(go_file)]
+    cmd = [*host.prefix(), sys.executable, *launcher, "--nnodes", nnodes or str(len(hosts)),
            "--nproc_per_node", str(nproc), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0].addr}:{port}",
            "--rdzv-id", run_id, "--rdzv-conf", conf, "--local-addr", host.addr, "--max-restarts", str(max_restarts),
            "--monitor-interval", "0.2", "-m", "distdrgn.train", *train_args]

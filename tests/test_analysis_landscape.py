@@ -4,6 +4,7 @@ PCA and clustering of volume space, end to end on a distdrgn run and a real cryo
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import mrcfile
@@ -70,7 +71,14 @@ def test_masked_pca_separates_two_kinds_of_volume():
 
 
 def test_analyze_landscape_on_a_distdrgn_run(run_dir, tmp_path):
+    from distdrgn.analysis.report import Section, write_report
+
     out = tmp_path / "land"
+    # an earlier `distdrgn analyze` of the epoch (its report's form, without running the analysis)
+    epoch = volumes.load_model(run_dir, device="cpu").epoch
+    (run_dir / f"analyze.{epoch}").mkdir()
+    write_report(run_dir / f"analyze.{epoch}" / "report.html", "distdrgn analyze", {"epoch": epoch},
+                 [Section("Latent space", text="PCA")])
     rc = cli.main(["analyze-landscape", str(run_dir), "-M", "20", "--n-clusters", "3", "--pc-dim", "5",
                    "--dilate", "3.5", "--dist", "3.5", "--device", "cpu", "-o", str(out)])
     assert rc == 0
@@ -95,12 +103,28 @@ def test_analyze_landscape_on_a_distdrgn_run(run_dir, tmp_path):
     html = (out / "report.html").read_text()
     for name in ("volume_pca.png", "z_landscape.png", "cluster_means.png", "cluster_02_mean.mrc"):
         assert name in html
+    # a page of the epoch's analysis report: added once, replaced when run again
+    epoch = meta["parameters"]["epoch"]
+    analyze_report = run_dir / f"analyze.{epoch}" / "report.html"
+    assert analyze_report.is_file()
+    assert html_count(analyze_report, 'id="landscape"') == 1
+    page = analyze_report.read_text()
+    assert "Volume landscape (analyze-landscape, M = 20)" in page and 'data-file="volume_pca.png"' in page
+    assert f'href="{os.path.relpath(out / "report.html", analyze_report.parent)}"' in page
+    rc = cli.main(["analyze-landscape", str(run_dir), "-M", "20", "--n-clusters", "3", "--pc-dim", "5",
+                   "--dilate", "3.5", "--dist", "3.5", "--device", "cpu", "-o", str(tmp_path / "again")])
+    assert rc == 0 and html_count(analyze_report, 'id="landscape"') == 1
+    assert page.split("<!-- page:landscape -->")[0] == analyze_report.read_text().split("<!-- page:landscape -->")[0]
     # the dashboard finds the landscape labels next to the run
     from distdrgn.dashboard.data import load_run
 
     (run_dir / f"landscape.{meta['parameters']['epoch']}").symlink_to(out)
     data = load_run(run_dir)
     np.testing.assert_array_equal(data.columns["landscape cluster"], z_labels)
+
+
+def html_count(path, needle: str) -> int:
+    return path.read_text().count(needle)
 
 
 def test_bad_arguments_are_one_line_errors(run_dir, tmp_path, capsys):

@@ -191,7 +191,8 @@ def analyze_landscape(
     (the sketch volumes, memory-mapped), ``kmeansM/labels.pkl`` and ``centers_ind.txt``,
     ``mean.mrc``, ``mask.mrc``, ``volume_pca.npy`` (M, k), ``volume_labels.txt`` (M,),
     ``z_labels.npy`` (N,) (each particle's volume cluster), ``cluster_NN_mean.mrc``, PNG plots,
-    ``landscape.json`` (parameters and timings) and ``report.html``.
+    ``landscape.json`` (parameters and timings) and ``report.html``; and adds a landscape page to
+    ``RUN/analyze.EPOCH/report.html`` when that report exists.
     vol_D: box of the decoded volumes (default the training box, at most 128).
     """
     import json
@@ -204,7 +205,7 @@ def analyze_landscape(
     from distdrgn import volumes
     from distdrgn.analysis import latent, plots
     from distdrgn.analysis.analyze import make_output_dir, resolve_epoch
-    from distdrgn.analysis.report import Figure, Section, Table, write_report
+    from distdrgn.analysis.report import Figure, Section, Table, add_page, write_report
     from distdrgn.formats.mrc import write_mrc
 
     t_start = time.time()
@@ -312,4 +313,8 @@ def analyze_landscape(
                "volume generation (s)": f"{timings['volumes_s']:.1f}", "total time (s)": f"{total:.1f}",
                "output directory": str(out.resolve())}
     write_report(out / "report.html", f"distdrgn analyze-landscape: {run_dir.name} (epoch {label})", summary, sections)
+    analyze_report = run_dir / f"analyze.{label}" / "report.html"
+    if analyze_report.is_file():  # the landscape becomes a page of the epoch's analysis report too
+        add_page(analyze_report, "landscape", f"Volume landscape (analyze-landscape, M = {m})", sections,
+                 out / "report.html")
     return out

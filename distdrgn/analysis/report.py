@@ -107,15 +107,46 @@ def render_report(title: str, summary: dict[str, Any], sections: list[Section]) 
     for key, value in summary.items():
         parts.append(f'<tr><th scope="row">{html.escape(str(key))}</th><td>{_cell(value)}</td></tr>')
     parts.append("</tbody></table>")
-    for sec in sections:
-        parts.append(f"<section><h2>{html.escape(sec.title)}</h2>")
-        if sec.text:
-            parts.append(f'<p class="note">{html.escape(sec.text)}</p>')
-        parts.extend(_figure_html(f) for f in sec.figures)
-        parts.extend(_table_html(t) for t in sec.tables)
-        parts.append("</section>")
+    parts.extend(_section_html(sec, "h2") for sec in sections)
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _section_html(sec: Section, heading: str) -> str:
+    parts = [f"<section><{heading}>{html.escape(sec.title)}</{heading}>"]
+    if sec.text:
+        parts.append(f'<p class="note">{html.escape(sec.text)}</p>')
+    parts.extend(_figure_html(f) for f in sec.figures)
+    parts.extend(_table_html(t) for t in sec.tables)
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def add_page(report: str | Path, key: str, title: str, sections: list[Section], source: str | Path) -> Path:
+    """Add (or replace) a page of another command's results in an existing report.
+
+    The page is one ``<section id=KEY>`` with ``title`` as its heading, ``sections`` under it
+    and a link to ``source`` (that command's own report, relative to this one); running the
+    command again replaces its page rather than adding a second. Written to a temporary file
+    and moved into place, so a reader never sees half a report.
+    """
+    import os
+
+    report = Path(report)
+    text = report.read_text(encoding="utf-8")
+    start, end = f"<!-- page:{key} -->", f"<!-- /page:{key} -->"
+    if start in text and end in text:
+        text = text[: text.index(start)] + text[text.index(end) + len(end):].lstrip("\n")
+    link = os.path.relpath(Path(source).resolve(), report.resolve().parent)
+    page = "\n".join([start, f'<section id="{html.escape(key)}"><h2>{html.escape(title)}</h2>',
+                      f'<p class="note">The full page: <a href="{html.escape(link)}">{html.escape(link)}</a></p>',
+                      *(_section_html(sec, "h3") for sec in sections), "</section>", end])
+    closing = "</body></html>"
+    text = text[: text.rindex(closing)] + page + "\n" + closing if closing in text else text + page
+    tmp = report.with_name(f".{report.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, report)
+    return report
 
 
 def write_report(path: str | Path, title: str, summary: dict[str, Any], sections: list[Section]) -> Path:

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PARTS = ("ceiling", "precision", "train", "e2e", "quality", "ddp", "knn")
+PARTS = ("ceiling", "precision", "train", "e2e", "quality", "ddp", "knn", "search")
 H200_NOMINAL_TFLOPS = 790.0  # ../shared/CONVENTIONS.md, used only when the ceiling part did not run
 
 
@@ -59,10 +59,12 @@ def sizes(cpu: bool) -> dict:
         return {"matmul": 256, "copy_mb": 8, "precision_D": [8], "net": {"zdim": 2, "enc_dim": 16, "enc_layers": 1,
                 "dec_dim": 16, "dec_layers": 1}, "train_D": [8], "train_B": [4], "steps": 2, "warmup": 1,
                 "e2e_D": 8, "e2e_n": 64, "quality": ["--n", "200", "-D", "16", "--epochs", "1", "--dim", "16",
-                "--layers", "1", "--n-fsc", "20"], "knn_n": 2000}
+                "--layers", "1", "--n-fsc", "20"], "knn_n": 2000,
+                "search": [(16, 0, 288, 4), (16, 2, 288, 4)]}
     return {"matmul": 8192, "copy_mb": 4096, "precision_D": [128, 256], "net": {}, "train_D": [64, 128, 256],
             "train_B": [16, 64], "steps": 20, "warmup": 5, "e2e_D": 128, "e2e_n": 8192,
-            "quality": ["--n", "8000", "-D", "32", "--epochs", "6"], "knn_n": 1_000_000}
+            "quality": ["--n", "8000", "-D", "32", "--epochs", "6"], "knn_n": 1_000_000,
+            "search": [(128, 0, 4608, 64), (64, 8, 4608, 64)]}  # (D, zdim, base rotations, images)
 
 
 # ---- 1. ceilings ----------------------------------------------------------------------------
@@ -338,6 +340,30 @@ def part_knn(device, S, state) -> dict:
     return {"n": n, "k": 10, "backend": f"torch-{device.type}", "seconds": seconds, "recall_50_probes": recall,
             "faiss": faiss_gpu, "md": [f"kNN (torch on {device.type}): {n:,} x 8 latents, k = 10: {seconds:.2f} s, "
                                        f"recall on 50 probes {recall:.3f}; {faiss_gpu}"]}
+
+
+def part_search(device, S, state) -> dict:
+    """Images/s of the abinit pose search (4 levels, keep 8, radius D/4) with a default-width model:
+    zdim 0 reads slices from one decoded volume, zdim 8 decodes every candidate with its z."""
+    from distdrgn.config import AbinitConfig, ModelConfig
+    from distdrgn.model import build_model
+    from distdrgn.objective import Batch, Preprocess
+    from distdrgn.pose_training import ModelPoseSearch
+
+    rows, md = [], []
+    for D, zdim, n_rot, B in S["search"]:
+        net = S["net"] or {"enc_dim": 1024, "dec_dim": 1024, "dec_layers": 3}
+        model = build_model(ModelConfig(**{**net, "zdim": zdim}), D, seed=0).to(device)
+        search = ModelPoseSearch(model, Preprocess(D), AbinitConfig(base_rotations=n_rot, radius_start=D / 4), device)
+        batch = Batch(torch.arange(B), torch.randn(B, D, D, device=device), None, None, None)
+        search(batch)  # warm-up
+        with Timer(device) as t:
+            search(batch)
+        rows.append({"D": D, "zdim": zdim, "base_rotations": n_rot, "images": B, "seconds": t.seconds,
+                     "images_per_s": B / t.seconds})
+        md.append(f"pose search D={D} zdim={zdim}, {n_rot} rotations x {len(search.base_shifts)} shifts, 4 levels, keep 8: "
+                  f"{B / t.seconds:.1f} images/s ({t.seconds:.3f} s per {B})")
+    return {"rows": rows, "md": md}
 
 
 def main(argv=None) -> int:

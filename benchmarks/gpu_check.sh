@@ -22,7 +22,7 @@ if [ "$MODE" = "--cpu" ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # fused kernels in Triton's interpreter
   EXTRA=--cpu
   # part: seconds (tiny sizes; torch.compile on 2 cores dominates)
-  LIMITS="ceiling:30 precision:120 train:120 e2e:120 quality:30 ddp:120 knn:60"
+  LIMITS="ceiling:30 precision:120 train:120 e2e:120 quality:30 ddp:120 knn:60 search:60"
 else
   PY=python3
   EXTRA=
@@ -37,8 +37,8 @@ else
     export PYTHONPATH=$HERE
   fi
   nvidia-smi >>"$LOG" 2>&1
-  # part: seconds, 420 in all (+ ~30 s install): the priority order of the issue
-  LIMITS="ceiling:20 precision:60 train:180 e2e:60 quality:60 ddp:25 knn:15"
+  # part: seconds, 460 in all (+ ~30 s install): the priority order of the issues
+  LIMITS="ceiling:20 precision:60 train:180 e2e:60 quality:60 ddp:25 knn:15 search:40"
 fi
 for item in $LIMITS; do
   part=${item%%:*}; limit=${item##*:}

@@ -84,12 +84,16 @@ class Checkpointer:
     """Saves ``weights.N.pkl`` / ``z.N.pkl`` every ``every_epochs`` epochs (and after the
     last), and ``checkpoints/step.E.C.pkl`` every ``every_steps`` steps (0 = never) and when
     a stop is requested. ``contents``: what every checkpoint holds besides the engine's state
-    (model_info, preprocess, config, store, subset)."""
+    (model_info, preprocess, config, store, subset). With a pose table (abinit, pose
+    refinement) every checkpoint also points to the table's state (``pose_state/``), and each
+    epoch checkpoint writes ``poses.N.pkl`` of the ``pose_rows`` (the trained particles)."""
 
     def __init__(self, out_dir: Path, rt: Runtime, engine, contents: dict, *, every_epochs: int, every_steps: int,
-                 metrics=None):
+                 metrics=None, poses=None, pose_rows: np.ndarray | None = None):
         self.out_dir, self.rt, self.engine, self.contents = Path(out_dir), rt, engine, contents
         self.every_epochs, self.every_steps, self.metrics = every_epochs, every_steps, metrics
+        self.poses, self.pose_rows = poses, pose_rows
+        self._recent_states: list[str] = []  # pose-state folders of the newest checkpoints
 
     def epoch_due(self, epoch: int, last: bool) -> bool:
         return last or epoch % self.every_epochs == 0
@@ -99,28 +103,45 @@ class Checkpointer:
         never at the epoch's end, which the epoch checkpoint covers."""
         return bool(self.every_steps) and (step + 1) % self.every_steps == 0 and consumed < n
 
-    def _payload(self) -> dict | None:
+    def _payload(self, pose_state: dict | None) -> dict | None:
         """The checkpoint dict on rank 0 (None elsewhere); every rank must call it."""
         states = self.engine.state_dict()  # collective under DeepSpeed ZeRO (gathers partitions)
-        return {**states, **self.contents} if self.rt.is_main else None
+        if not self.rt.is_main:
+            return None
+        return {**states, **self.contents, **({"pose_state": pose_state} if pose_state else {})}
 
-    def save_epoch(self, epoch: int, zs: tuple[np.ndarray, np.ndarray] | None, final: bool) -> None:
-        """weights.N.pkl (+ z.N.pkl); with ``final`` also weights.pkl / z.pkl. Every rank calls."""
-        payload = self._payload()
+    def exchange_poses(self, epoch: int) -> dict | None:
+        """End of every epoch: the pose table's rows go to disk and back, so that each rank
+        holds the rows the others changed (:meth:`PoseTable.exchange`). Every rank calls."""
+        if self.poses is None:
+            return None
+        return self.poses.exchange(self.out_dir, f"epoch.{epoch}", self.rt.rank, self.rt.world_size, self.rt.barrier)
+
+    def save_epoch(self, epoch: int, zs: tuple[np.ndarray, np.ndarray] | None, final: bool,
+                   pose_state: dict | None = None) -> None:
+        """weights.N.pkl (+ z.N.pkl, poses.N.pkl); with ``final`` also weights.pkl / z.pkl /
+        poses.pkl. ``pose_state``: what :meth:`exchange_poses` returned. Every rank calls."""
+        payload = self._payload(pose_state)
         if self.rt.is_main:
+            if pose_state is not None:
+                from distdrgn.pose_table import write_poses_pkl
+
+                write_poses_pkl(self.out_dir / f"poses.{epoch}.pkl", *self.poses.poses(self.pose_rows))
             save_weights(self.out_dir / f"weights.{epoch}.pkl", {"epoch": epoch, **payload})
             if zs is not None:
                 save_z(self.out_dir / f"z.{epoch}.pkl", *zs)
+            self._prune_pose_states(pose_state)
             if final:
                 self.finish(epoch)
         if self.metrics:
             self.metrics.checkpoint_written()
 
     def finish(self, epoch: int) -> None:
-        """weights.pkl / z.pkl: copies of the last epoch's files (rank 0)."""
+        """weights.pkl / z.pkl / poses.pkl: copies of the last epoch's files (rank 0)."""
         copy_atomic(self.out_dir / f"weights.{epoch}.pkl", self.out_dir / "weights.pkl")
-        if (self.out_dir / f"z.{epoch}.pkl").exists():
-            copy_atomic(self.out_dir / f"z.{epoch}.pkl", self.out_dir / "z.pkl")
+        for stem in ("z", "poses"):
+            if (self.out_dir / f"{stem}.{epoch}.pkl").exists():
+                copy_atomic(self.out_dir / f"{stem}.{epoch}.pkl", self.out_dir / f"{stem}.pkl")
 
     def save_step(self, epoch: int, consumed: int, sums: torch.Tensor, seconds: float) -> None:
         """checkpoints/step.E.C.pkl at ``consumed`` images of ``epoch``; ``sums``: this rank's
@@ -128,10 +149,26 @@ class Checkpointer:
         totals = sums.clone()
         if self.rt.distributed:
             dist.all_reduce(totals)
-        payload = self._payload()
+        pose_state = None
+        if self.poses is not None:  # every rank writes its rows before rank 0 writes the checkpoint
+            pose_state = self.poses.save(self.out_dir, f"step.{epoch}.{consumed}", self.rt.rank, self.rt.world_size,
+                                         self.rt.barrier)
+        payload = self._payload(pose_state)
         if self.rt.is_main:
             position = DataPosition(epoch, consumed, tuple(totals.tolist()), seconds)
             path = save_step_checkpoint(self.out_dir, position, payload)
+            self._prune_pose_states(pose_state)
             progress_log.info("epoch %d: %d images, wrote %s", epoch, consumed, path.relative_to(self.out_dir))
         if self.metrics:
             self.metrics.checkpoint_written()
+
+    def _prune_pose_states(self, pose_state: dict | None) -> None:
+        """Keep the pose states of the newest checkpoints (those a resume can fall back to)."""
+        if pose_state is None:
+            return
+        from distdrgn.checkpoint import KEEP_STEP_CHECKPOINTS
+        from distdrgn.pose_table import prune_states
+
+        self._recent_states = [s for s in self._recent_states if s != pose_state["folder"]] + [pose_state["folder"]]
+        self._recent_states = self._recent_states[-(KEEP_STEP_CHECKPOINTS + 2):]
+        prune_states(self.out_dir, set(self._recent_states))

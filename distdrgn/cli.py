@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ingest", "convert particle stacks, poses and CTF into a Zarr particle store"),
     "store": ("store", "inspect, verify or export a particle store"),
     "train": ("train", "train a cryoDRGN VAE (or homogeneous model) from a config file"),
+    "abinit": ("abinit", "reconstruct with unknown poses: hierarchical pose search, then pose refinement"),
     "config": ("config", "print a packaged training config (tiny, default, large) with its comments"),
     "eval-vol": ("eval_vol", "evaluate volumes from a trained model at given latents"),
     "encode": ("encode", "compute latents for the particles of a store with a trained model"),

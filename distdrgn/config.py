@@ -1,7 +1,7 @@
 """The training configuration: typed dataclasses loaded from YAML with dotted overrides.
 
-A config file has the sections ``data``, ``output``, ``model``, ``train``, ``metrics`` and
-``debug``; any key left out takes the default below (cryoDRGN's defaults). The named configs
+A config file has the sections ``data``, ``output``, ``model``, ``train``, ``abinit``,
+``metrics`` and ``debug``; any key left out takes the default below (cryoDRGN's defaults). The named configs
 ``tiny``, ``default`` and ``large`` ship inside the package (``distdrgn/configs/``) and are
 found by name; ``distdrgn config NAME`` prints one with its comments. Command-line overrides are
 ``section.key=value`` with the value parsed as YAML (``train.epochs=3``, ``data.level=64``,
@@ -62,6 +62,10 @@ class ModelConfig:
     feat_sigma: float = 0.5  # std of the gaussian frequencies, in units of D/2
     domain: str = "fourier"  # fourier (real, imag outputs; Hermitian) | hartley (one output)
     kernels: str = "auto"  # auto (fused on CUDA with Triton) | fused (Triton kernels) | compile (torch.compile) | torch (the reference)
+    pose_refine: bool = False  # learn per-particle pose corrections from the store's poses (cryoDRGN --do-pose-sgd)
+    pose_lr_rot: float = 0.01  # pose refinement: Adam step of each particle's rotation, radians per epoch
+    pose_lr_trans: float = 0.2  # pose refinement: Adam step of each particle's shift, pixels per epoch
+    pose_warmup_epochs: int = 1  # pose refinement starts after this many epochs on the fixed poses
 
 
 @dataclass
@@ -90,6 +94,22 @@ class TrainConfig:
 
 
 @dataclass
+class AbinitConfig:
+    """``distdrgn abinit``: poses from a hierarchical search instead of the store (train ignores it)."""
+
+    search_epochs: int = 2  # epochs whose batches get their poses from the global search; then model.pose_* refine them
+    refine: bool = True  # after the search epochs, refine the found poses by gradient (model.pose_lr_*)
+    base_rotations: int = 4608  # rotations of the coarse SO(3) grid (4608: ~15 degree cells)
+    levels: int = 4  # subdivisions of the kept candidates (each halves the rotation and shift steps)
+    keep: int = 8  # (rotation, shift) candidates kept per image from one level to the next
+    sample: bool = True  # train on a pose drawn from the kept candidates' posterior (false: the best one)
+    shift_extent_px: float = 10.0  # the coarse shift grid covers [-extent, extent] pixels in x and y
+    shift_step_px: float = 2.0  # step of the coarse shift grid, pixels
+    radius_start: float = 12.0  # lattice radius (pixels of the box) the search compares within, first search epoch
+    radius_end: float = 32.0  # ... and in the last search epoch (frequency marching; capped at D/2)
+
+
+@dataclass
 class MetricsConfig:
     port: int | None = None  # rank 0 serves Prometheus metrics on this port when set
 
@@ -108,6 +128,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    abinit: AbinitConfig = field(default_factory=AbinitConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -197,6 +218,15 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.train.num_workers >= 0, "train.num_workers must be >= 0"),
         (cfg.train.shuffle_chunks >= 1, "train.shuffle_chunks must be >= 1"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+        (cfg.model.pose_lr_rot > 0 and cfg.model.pose_lr_trans >= 0,
+         "model.pose_lr_rot must be > 0 and model.pose_lr_trans >= 0"),
+        (cfg.model.pose_warmup_epochs >= 0, "model.pose_warmup_epochs must be >= 0"),
+        (cfg.abinit.search_epochs >= 1, "abinit.search_epochs must be >= 1"),
+        (cfg.abinit.base_rotations >= 1 and cfg.abinit.keep >= 1 and cfg.abinit.levels >= 0,
+         "abinit.base_rotations and abinit.keep must be >= 1, abinit.levels >= 0"),
+        (cfg.abinit.shift_extent_px >= 0 and cfg.abinit.shift_step_px > 0,
+         "abinit.shift_extent_px must be >= 0 and abinit.shift_step_px > 0"),
+        (0 < cfg.abinit.radius_start <= cfg.abinit.radius_end, "abinit needs 0 < radius_start <= radius_end"),
         (cfg.debug.step_delay_s >= 0, "debug.step_delay_s must be >= 0"),
         (cfg.data.level is None or (cfg.data.level >= 4 and cfg.data.level % 2 == 0), "data.level must be even and >= 4"),
         (0 < cfg.data.window_inner < cfg.data.window_outer, "data.window_inner must be in (0, data.window_outer)"),
@@ -311,8 +341,9 @@ def dump_config(cfg: Config) -> str:
 MOST_USED = {
     "data": ("store", "level", "ind", "invert"),
     "output": ("dir",),
-    "model": ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "kernels"),
+    "model": ("zdim", "enc_dim", "enc_layers", "dec_dim", "dec_layers", "kernels", "pose_refine"),
     "train": ("epochs", "batch_size", "lr", "engine", "amp", "checkpoint_every_steps", "num_workers", "load"),
+    "abinit": ("search_epochs", "base_rotations", "levels"),
     "metrics": ("port",),
     "debug": ("trace_samples", "step_delay_s"),
 }

@@ -70,17 +70,21 @@ from distdrgn.objective import Batch
 class Metadata:
     """Per-particle poses and CTF held in memory (small: 36 + 8 + 36 bytes per particle)."""
 
-    rots: np.ndarray  # (n, 3, 3) float32
+    rots: np.ndarray | None  # (n, 3, 3) float32 (None: a store without poses, for abinit)
     trans: np.ndarray | None  # (n, 2) float32
     ctf: np.ndarray | None  # (n, 9) float32
 
     @classmethod
-    def from_store(cls, store) -> Metadata:
+    def from_store(cls, store, need_poses: bool = True) -> Metadata:
+        """``need_poses=False`` (the poses come from elsewhere: abinit) accepts a store without."""
         poses = store.poses
+        if poses is None and not need_poses:
+            return cls(None, None, store.ctf)
         if poses is None:
             from distdrgn.errors import StoreError
 
-            raise StoreError(f"{store.path}: the store has no poses; training needs poses (ingest with --poses)")
+            raise StoreError(f"{store.path}: the store has no poses; training needs poses (ingest with --poses, "
+                             "or find them with `distdrgn abinit`)")
         rots, trans = poses
         return cls(np.asarray(rots, np.float32), None if trans is None else np.asarray(trans, np.float32), store.ctf)
 

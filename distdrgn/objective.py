@@ -100,6 +100,13 @@ class Targets:
     y_enc: torch.Tensor  # (B, n_masked) encoder input = y * sign(ctf)
 
 
+def within(targets: Targets, weight: torch.Tensor) -> Targets:
+    """Targets whose error only counts where ``weight`` (n_masked,) is 1: observed values and
+    CTF multiplied by it (a CTF of ones when there is none), the encoder's input untouched."""
+    ctf = weight.expand_as(targets.y) if targets.ctf is None else targets.ctf * weight
+    return Targets(y=targets.y * weight, ctf=ctf, y_enc=targets.y_enc)
+
+
 def prepare_targets(batch: Batch, prep: Preprocess, lattice: Lattice) -> Targets:
     """Observed images of a batch -> translated Hartley values, CTF and encoder input."""
     y = masked_hartley(batch.images, prep, lattice)

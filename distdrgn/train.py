@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distdrgn.checkpoint import DataPosition, load_weights
+from distdrgn.checkpoint import DataPosition, _atomic_write, load_weights
 from distdrgn.checkpointer import Checkpointer, check_resumable, find_checkpoint
 from distdrgn.config import Config, describe_keys, dump_config, load_config, split_config_arguments
 from distdrgn.debug import DebugHooks
@@ -42,9 +42,12 @@ from distdrgn.loader import EpochBatches, Metadata, training_batches
 from distdrgn.metrics import TrainingMetrics
 from distdrgn.model import CryoDRGN, ModelInfo
 from distdrgn.nonfinite import NonfiniteGuard, nonfinite_on_any_rank
-from distdrgn.objective import Batch, Preprocess, hartley_std, loss_terms, parse_beta, per_image_loss, prepare_targets
+from distdrgn.objective import (Batch, Preprocess, hartley_std, loss_terms, parse_beta, per_image_loss, prepare_targets,
+                                within)
 from distdrgn.output_paths import nearest_existing
 from distdrgn.preemption import StopRequest
+from distdrgn.pose_table import PoseTable
+from distdrgn.pose_training import build_poses, pose_source, start_epoch
 from distdrgn.progress import EpochProgress, LossTable, setup_logging
 from distdrgn.runtime import Runtime, close_process_group, init_runtime
 
@@ -188,14 +191,21 @@ def seed_step(seed: int, epoch: int, consumed: int, rank: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: float, weight: float, rt: Runtime):
+def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: float, weight: float, rt: Runtime,
+               poses: PoseTable | None = None):
     """Forward, backward and (unless a loss or gradient is non-finite on any rank) the optimizer step.
 
     Returns (loss terms, nonfinite): a 0-d float32 tensor on the device, 1.0 when the step
     was skipped; every rank takes the same decision. Nothing here waits for the device
-    (with the DDP engine), so the caller reads the flag a step later.
+    (with the DDP engine), so the caller reads the flag a step later. ``poses``: the run's
+    pose table (abinit, pose refinement), which gives the batch its poses and, when refining,
+    takes its own step from the same backward.
     """
+    if poses is not None:  # searched now (abinit), or learnable corrections of the table's poses
+        batch = poses.batch(batch)
     targets = prepare_targets(batch, prep, lattice)
+    if poses is not None and poses.loss_weight is not None:  # frequency marching: fit what the search compares
+        targets = within(targets, poses.loss_weight)
     with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
         mse, mu, logvar = engine(batch.rots, targets.y_enc, sample=True, y=targets.y, ctf=targets.ctf)
     terms = loss_terms(mse, mu, logvar, beta, lattice.n_masked, weight)
@@ -203,6 +213,8 @@ def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: fl
     engine.backward(terms.loss)
     nonfinite = nonfinite_on_any_rank(terms.loss, engine.module, rt)
     engine.step_unless(nonfinite)
+    if poses is not None:
+        poses.step_unless(nonfinite)
     return terms, nonfinite
 
 
@@ -262,14 +274,15 @@ def run_epoch(epoch: int, batches: EpochBatches, carried: DataPosition, *, step,
 # ---------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> Path:
-    """Run (or resume) training as configured; returns the run directory."""
+def train(cfg: Config, search: bool = False) -> Path:
+    """Run (or resume) training as configured; returns the run directory. ``search``: the
+    poses come from the pose search, not the store (``distdrgn abinit``)."""
     if not cfg.output.dir:
         raise DistdrgnError("output.dir is not set (give it in the config or as output.dir=PATH)")
     rt = init_runtime(cfg.train.device, cfg.train.amp, cfg.train.engine)
     try:
         with StopRequest(rt.device, rt.distributed) as stop:
-            out_dir = run_training(cfg, rt, stop)
+            out_dir = run_training(cfg, rt, stop, pose_source(cfg, search))
         rt.barrier()  # leave together: a gloo rank torn down while its peers still write can abort
     finally:
         close_process_group()  # DeepSpeed makes a group even for one process
@@ -281,12 +294,12 @@ def train(cfg: Config) -> Path:
     return out_dir
 
 
-def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
+def run_training(cfg: Config, rt: Runtime, stop: StopRequest, source: str = "store") -> Path:
     # ---- the data and the run directory ----------------------------------------------
     store = open_store(cfg)
     keep = training_subset(cfg, store)
     unverified = check_verification(store, cfg)
-    meta = Metadata.from_store(store)
+    meta = Metadata.from_store(store, need_poses=source != "search")
     out_dir = Path(cfg.output.dir)
     check_run_dir(out_dir)
     if rt.is_main:
@@ -306,12 +319,15 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
     prep, info, norm_source = preprocessing_and_model(cfg, store, ckpt)
     losses = LossTable(out_dir)
     if rt.is_main:
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
+        # atomically: the other ranks read it meanwhile (checkpoint.file_offset), and an empty
+        # config.yaml would read as a distdrgn 0.1 run directory
+        _atomic_write(out_dir / "config.yaml", lambda fh: fh.write(dump_config(cfg).encode()))
         losses.truncate(position.epoch - 1)
     log.info("store %s: %d images, D=%d, %d chunks of %d; %d process(es) on %s, amp=%s; Hartley std %.5g (%s)",
              store.path, store.n, store.D, store.n_chunks, store.chunk_images, rt.world_size, rt.device,
              rt.amp_dtype, prep.ht_std, norm_source)
     model, engine = build_training_model(cfg, rt, info, ckpt)
+    poses = build_poses(cfg, source, store, model, prep, rt.device, ckpt, out_dir)
     if ckpt:
         log.info("resumed from %s: continuing at epoch %d, image %d of %d", ckpt_path.relative_to(out_dir),
                  position.epoch, position.consumed, n_train)
@@ -327,19 +343,23 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
         log.info("serving Prometheus metrics on port %d", cfg.metrics.port)
     contents = {"model_info": asdict(info), "preprocess": asdict(prep), "config": cfg.to_dict(),
                 "store": {"path": str(store.path), "n": store.n, "D": store.D, "apix": store.apix},
-                "subset": None if keep is None else {"path": str(cfg.data.ind), "n": len(keep)}}
+                "subset": None if keep is None else {"path": str(cfg.data.ind), "n": len(keep)}, "pose_source": source}
     checkpointer = Checkpointer(out_dir, rt, engine, contents, every_epochs=cfg.train.checkpoint_every,
-                                every_steps=cfg.train.checkpoint_every_steps, metrics=metrics)
+                                every_steps=cfg.train.checkpoint_every_steps, metrics=metrics, poses=poses,
+                                pose_rows=keep)
     guard = NonfiniteGuard(rt, cfg.train.max_nonfinite_steps, metrics)
     debug = DebugHooks(cfg.debug, rank=rt.rank, world_size=rt.world_size, resume=(position.epoch, position.consumed))
     beta_at = parse_beta(cfg.train.beta, info.zdim)
 
     def step(batch: Batch, beta: float, weight: float):
-        return train_step(engine, batch, prep, model.lattice, beta, weight, rt)
+        return train_step(engine, batch, prep, model.lattice, beta, weight, rt, poses)
 
     if cfg.train.cuda_graphs:  # capture the sync-free step once, replay it (the ragged last batch runs eagerly)
         from distdrgn.cuda_graphs import GraphedStep, check_cuda_graphs
 
+        if poses is not None:  # the search and the per-particle updates index the table by the batch's ids
+            raise DistdrgnError("train.cuda_graphs=true does not capture a step with per-particle poses "
+                                "(abinit, model.pose_refine=true); set train.cuda_graphs=false")
         check_cuda_graphs(rt.device, cfg.train.engine, rt.world_size)
         step = GraphedStep(step, cfg.train.batch_size, rt.device, engine.optimizer)
     model.train()
@@ -353,6 +373,7 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
                 checkpointer.finish(position.epoch - 1)
         for epoch in range(position.epoch, cfg.train.epochs + 1):  # numbered from 1, as in cryoDRGN
             carried = position if epoch == position.epoch else DataPosition(epoch)
+            start_epoch(poses, cfg, source, epoch)
             batches = training_batches(store, meta, seed=cfg.train.seed, epoch=epoch,
                                        shuffle_chunks=cfg.train.shuffle_chunks, start=carried.consumed, rank=rt.rank,
                                        world_size=rt.world_size, batch_size=cfg.train.batch_size, device=rt.device,
@@ -367,6 +388,9 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
             if rt.is_main:
                 log_epoch(losses, epoch, cfg.train.epochs, sums, seconds, beta_at(epoch - 1), rt.world_size)
             last = epoch == cfg.train.epochs
+            pose_state = checkpointer.exchange_poses(epoch)  # every epoch: the next one's owners need the rows
+            if poses is not None:  # encode with the poses as trained (the encoder sees translated images)
+                meta = Metadata(*poses.poses(), meta.ctf)
             if checkpointer.epoch_due(epoch, last):
                 zs = None
                 if info.zdim:
@@ -375,10 +399,11 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest) -> Path:
                                                 amp_dtype=rt.amp_dtype, num_workers=cfg.train.num_workers,
                                                 keep=keep, meta=meta, verify_chunks=store.verify_chunks)
                     zs = gather_segments(mu, logvar, n_train, rt.world_size)
-                checkpointer.save_epoch(epoch, zs, final=last)
+                checkpointer.save_epoch(epoch, zs, final=last, pose_state=pose_state)
                 if rt.is_main:
                     losses.plot()
-                    log.info("epoch %d: wrote weights.%d.pkl%s", epoch, epoch, f" and z.{epoch}.pkl" if zs else "")
+                    log.info("epoch %d: wrote weights.%d.pkl%s%s", epoch, epoch, f", z.{epoch}.pkl" if zs else "",
+                             f", poses.{epoch}.pkl" if poses is not None else "")
     finally:
         debug.close()
         if metrics:
@@ -397,14 +422,16 @@ def log_epoch(losses: LossTable, epoch: int, epochs: int, sums: list[float], sec
                    "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2)})
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, search: bool = False, doc: str = __doc__) -> int:
+    """The ``python -m distdrgn.train`` program (``search``: ``python -m distdrgn.abinit``)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m distdrgn.train", description=__doc__.splitlines()[0])
+    prog = "python -m distdrgn.abinit" if search else "python -m distdrgn.train"
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     add_args(parser)
     args = parser.parse_args(argv)
     try:
-        run_from_args(args)
+        run_from_args(args, search=search)
     except Stopped as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
@@ -425,9 +452,9 @@ def add_args(parser) -> None:
                      "with its comments):\n" + describe_keys())
 
 
-def run_from_args(args) -> Path:
+def run_from_args(args, search: bool = False) -> Path:
     config, overrides = split_config_arguments(args.arguments)
-    return train(load_config(config, overrides))
+    return train(load_config(config, overrides), search=search)
 
 
 if __name__ == "__main__":

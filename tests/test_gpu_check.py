@@ -21,7 +21,7 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert files == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]  # at most 8 files come back
     report = json.loads((out / "gpu_check.json").read_text())
     parts = report["parts"]
-    assert sorted(parts) == sorted(["ceiling", "precision", "train", "e2e", "quality", "ddp", "knn"])
+    assert sorted(parts) == sorted(["ceiling", "precision", "train", "e2e", "quality", "ddp", "knn", "search"])
     for name, rec in parts.items():
         assert rec["status"] == "ok", (name, rec)
     assert report["info"]["cpu_mode"] is True
@@ -37,4 +37,5 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert parts["e2e"]["images_per_s"] > 0
     assert parts["ddp"]["finite"] and parts["ddp"]["world_size"] == 1 and parts["ddp"]["backend"] == "gloo"
     assert parts["knn"]["recall_50_probes"] == 1.0
+    assert [r["zdim"] for r in parts["search"]["rows"]] == [0, 2] and all(r["images_per_s"] > 0 for r in parts["search"]["rows"])
     assert "## train" in (out / "gpu_check.md").read_text()

@@ -177,3 +177,46 @@ def test_original_rows_errors_are_one_line(tmp_path):
         res = _run("store", "export", store, *args, "--no-progress")
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
     assert not (tmp_path / "x.star").exists() and not (tmp_path / "x.cs").exists()
+
+
+POSE_SOURCES = [("relion31.star", False, []), ("empiar_10076_7.star", False, []),  # origins in A, in pixels
+                ("empiar_10076_7.cs", False, [])]
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name,fake,extra", POSE_SOURCES, ids=[s[0] for s in POSE_SOURCES])
+def test_export_with_poses_replaces_only_the_pose_columns(tmp_path, name, fake, extra):
+    """``--poses RUN/poses.pkl`` (abinit, pose refinement): the original rows, their poses replaced."""
+    from distdrgn.formats.poses import parse_poses
+    from distdrgn.lattice import random_rotations
+    from distdrgn.store import ParticleStore
+
+    src = FIXTURES / name
+    assert cli(["ingest", str(src), "--no-progress", "-o", str(tmp_path / "s.zarr"), *extra]) == 0
+    store = ParticleStore.open(tmp_path / "s.zarr")
+    rots = random_rotations(store.n, __import__("torch").Generator().manual_seed(0)).float().numpy()
+    trans = np.random.default_rng(0).uniform(-0.05, 0.05, (store.n, 2)).astype(np.float32)
+    with open(tmp_path / "poses.pkl", "wb") as f:
+        pickle.dump((rots, trans), f)
+    out = tmp_path / f"found{src.suffix}"
+    assert cli(["store", "export", str(tmp_path / "s.zarr"), "-o", str(out), "--poses", str(tmp_path / "poses.pkl"),
+                "--no-progress"]) == 0
+    got_rots, got_trans = parse_poses(out, D=store.D)
+    np.testing.assert_allclose(got_rots, rots, atol=2e-5)
+    np.testing.assert_allclose(got_trans, trans, atol=1e-6)
+    plain = tmp_path / f"plain{src.suffix}"
+    assert cli(["store", "export", str(tmp_path / "s.zarr"), "-o", str(plain), "--no-progress"]) == 0
+    pose_fields = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnOriginXAngst",
+                   "rlnOriginYAngst", "alignments3D/pose", "alignments3D/shift")
+    if src.suffix == ".star":
+        a, b = _particle_table(starfile.read(out, always_dict=True)), _particle_table(starfile.read(plain, always_dict=True))
+        assert [c for c in a.columns if c not in pose_fields] == [c for c in b.columns if c not in pose_fields]
+        if "optics" not in starfile.read(plain, always_dict=True):  # RELION 3.0: origins stay in pixels
+            assert "rlnOriginX" in a.columns and "rlnOriginXAngst" not in a.columns
+        others = [c for c in b.columns if c not in pose_fields]
+        pd.testing.assert_frame_equal(a[others], b[others])
+    else:
+        a, b = np.load(out), np.load(plain)
+        assert a.dtype.names[: len(b.dtype.names)] == b.dtype.names  # alignments3D/ fields appended when missing
+        for field in (f for f in b.dtype.names if f not in pose_fields):
+            assert np.array_equal(a[field], b[field]), field

@@ -41,6 +41,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="with OUT.star/OUT.cs: write the images to OUT.mrcs and a star/cs describing them "
                         "(poses/CTF only); needed for stores made from bare .mrcs/.txt")
     p.add_argument("--ind", help="pickle of store positions to export (in that order)")
+    p.add_argument("--poses", help="poses.pkl whose poses replace the store's in the .star/.cs (e.g. RUN/poses.pkl "
+                                   "of `distdrgn abinit` or of a run with model.pose_refine=true)")
     p.add_argument("--level", type=int, help="box size to export (default: the full size)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         from distdrgn.store.export import export
 
         written = export(args.store, args.out, ind=args.ind, level=args.level, force=args.force,
-                         progress=not args.no_progress, new_stack=args.new_stack)
+                         progress=not args.no_progress, new_stack=args.new_stack, poses=args.poses)
         for path in written:
             print(f"wrote {path}")
     return 0

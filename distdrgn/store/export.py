@@ -60,10 +60,20 @@ def _exact_text(values: np.ndarray, dtype) -> list[str]:
     return [np.format_float_positional(v, unique=True, trim="0") for v in values]
 
 
-def _star_tables(store: ParticleStore, positions: np.ndarray, stack_name: str):
-    import pandas as pd
+def _poses_at(store: ParticleStore, positions: np.ndarray, poses) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rots, trans) of ``positions``: from ``poses`` (a poses.pkl's arrays, one row per store
+    particle) when given, else the store's own; None when there are none."""
+    if poses is None:
+        if store.poses is None:
+            return None
+        rots, trans = store.poses
+        return np.asarray(rots)[positions], (np.zeros((len(positions), 2)) if trans is None else np.asarray(trans)[positions])
+    rots, trans = poses
+    return np.asarray(rots)[positions], np.asarray(trans)[positions]
 
-    from distdrgn.formats.poses import rot_to_euler
+
+def _star_tables(store: ParticleStore, positions: np.ndarray, stack_name: str, poses=None):
+    import pandas as pd
 
     k = len(positions)
     particles = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(k)]})
@@ -86,15 +96,9 @@ def _star_tables(store: ParticleStore, positions: np.ndarray, stack_name: str):
         optics["rlnVoltage"] = _exact_text(uniq[:, 1], np.float32)
         optics["rlnSphericalAberration"] = _exact_text(uniq[:, 2], np.float32)
         optics["rlnAmplitudeContrast"] = _exact_text(uniq[:, 3], np.float32)
-    if store.poses is not None:
-        rots, trans = store.poses
-        euler = rot_to_euler(rots[positions])
-        particles["rlnAngleRot"] = _exact_text(euler[:, 0], np.float64)
-        particles["rlnAngleTilt"] = _exact_text(euler[:, 1], np.float64)
-        particles["rlnAnglePsi"] = _exact_text(euler[:, 2], np.float64)
-        shift_angst = trans[positions].astype(np.float64) * store.D * apix[:, None]
-        particles["rlnOriginXAngst"] = _exact_text(shift_angst[:, 0], np.float64)
-        particles["rlnOriginYAngst"] = _exact_text(shift_angst[:, 1], np.float64)
+    chosen = _poses_at(store, positions, poses)
+    if chosen is not None:
+        _set_star_poses(particles, *chosen, store.D, apix, angstrom=True)
     if ctf is not None:
         for col, name in ((2, "rlnDefocusU"), (3, "rlnDefocusV"), (4, "rlnDefocusAngle"), (8, "rlnPhaseShift")):
             particles[name] = _exact_text(ctf[:, col], np.float32)
@@ -102,9 +106,45 @@ def _star_tables(store: ParticleStore, positions: np.ndarray, stack_name: str):
     return particles, optics
 
 
-def _cs_array(store: ParticleStore, positions: np.ndarray, stack_name: str) -> np.ndarray:
+def _set_star_poses(particles, rots: np.ndarray, trans: np.ndarray, box, apix: np.ndarray, angstrom: bool) -> None:
+    """Write Euler angles and origins (Angstrom, RELION 3.1+, or pixels, RELION 3.0) into a star
+    particle table, in place: the inverse of :func:`distdrgn.formats.poses.poses_from_star_table`."""
+    from distdrgn.formats.poses import rot_to_euler
+
+    euler = rot_to_euler(rots)
+    particles["rlnAngleRot"] = _exact_text(euler[:, 0], np.float64)
+    particles["rlnAngleTilt"] = _exact_text(euler[:, 1], np.float64)
+    particles["rlnAnglePsi"] = _exact_text(euler[:, 2], np.float64)
+    shift_px = trans.astype(np.float64) * np.asarray(box, np.float64).reshape(-1, 1)
+    if angstrom:
+        shift = shift_px * apix[:, None]
+        particles["rlnOriginXAngst"] = _exact_text(shift[:, 0], np.float64)
+        particles["rlnOriginYAngst"] = _exact_text(shift[:, 1], np.float64)
+    else:
+        particles["rlnOriginX"] = _exact_text(shift_px[:, 0], np.float64)
+        particles["rlnOriginY"] = _exact_text(shift_px[:, 1], np.float64)
+
+
+def _set_cs_poses(arr: np.ndarray, rots: np.ndarray, trans: np.ndarray, box, apix: np.ndarray) -> np.ndarray:
+    """``arr`` with its ``alignments3D/`` pose and shift set (fields added when missing)."""
     from distdrgn.formats.poses import rot_to_axis_angle
 
+    wanted = [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")]
+    missing = [f for f in wanted if f[0] not in arr.dtype.names]
+    if missing:
+        grown = np.zeros(len(arr), dtype=arr.dtype.descr + missing)
+        for name in arr.dtype.names:
+            grown[name] = arr[name]
+        arr = grown
+        if ("alignments3D/psize_A", "<f4") in missing:
+            arr["alignments3D/psize_A"] = apix
+    # cryoDRGN's rots are the transpose of cryoSPARC's rotation (docs/conventions.md)
+    arr["alignments3D/pose"] = rot_to_axis_angle(rots.transpose(0, 2, 1))
+    arr["alignments3D/shift"] = trans.astype(np.float64) * np.asarray(box, np.float64).reshape(-1, 1)
+    return arr
+
+
+def _cs_array(store: ParticleStore, positions: np.ndarray, stack_name: str, poses=None) -> np.ndarray:
     k = len(positions)
     fields = [("uid", "<u8"), ("blob/path", f"S{len(stack_name.encode()) + 1}"), ("blob/idx", "<u4"),
               ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4")]
@@ -112,8 +152,6 @@ def _cs_array(store: ParticleStore, positions: np.ndarray, stack_name: str) -> n
     if ctf is not None:
         fields += [(f"ctf/{name}", "<f4") for name in
                    ("accel_kv", "cs_mm", "amp_contrast", "df1_A", "df2_A", "df_angle_rad", "phase_shift_rad")]
-    if store.poses is not None:
-        fields += [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")]
     arr = np.zeros(k, dtype=fields)
     arr["uid"] = store.original_index[positions]
     arr["blob/path"] = stack_name.encode()
@@ -126,17 +164,16 @@ def _cs_array(store: ParticleStore, positions: np.ndarray, stack_name: str) -> n
         arr["ctf/df_angle_rad"] = np.deg2rad(ctf[:, 4])
         arr["ctf/accel_kv"], arr["ctf/cs_mm"], arr["ctf/amp_contrast"] = ctf[:, 5], ctf[:, 6], ctf[:, 7]
         arr["ctf/phase_shift_rad"] = np.deg2rad(ctf[:, 8])
-    if store.poses is not None:
-        rots, trans = store.poses
-        # cryoDRGN's rots are the transpose of cryoSPARC's rotation (docs/conventions.md)
-        arr["alignments3D/pose"] = rot_to_axis_angle(rots[positions].transpose(0, 2, 1))
-        arr["alignments3D/shift"] = trans[positions].astype(np.float64) * store.D
-        arr["alignments3D/psize_A"] = apix
+    chosen = _poses_at(store, positions, poses)
+    if chosen is not None:
+        arr = _set_cs_poses(arr, *chosen, store.D, apix)
     return arr
 
 
-def _original_rows(store: ParticleStore, positions: np.ndarray, out: Path, suffix: str, level, store_path) -> None:
-    """Write the source .star/.cs rows of ``positions`` (every column, original image names)."""
+def _original_rows(store: ParticleStore, positions: np.ndarray, out: Path, suffix: str, level, store_path,
+                   poses=None) -> None:
+    """Write the source .star/.cs rows of ``positions`` (every column, original image names);
+    with ``poses``, their pose columns replaced by those poses (at the source box)."""
     from distdrgn.store.source_table import read_cs_rows, read_star_rows
 
     kind = store.attrs.get("kind")
@@ -153,15 +190,32 @@ def _original_rows(store: ParticleStore, positions: np.ndarray, out: Path, suffi
         from distdrgn.formats.star import write_star
 
         particles, optics, version, block = read_star_rows(store_path, positions)
+        if poses is not None:
+            # RELION 3.1+ (an optics table) keeps origins in Angstrom, 3.0 in pixels; a file's own choice wins
+            angstrom = "rlnOriginXAngst" in particles.columns or (optics is not None and "rlnOriginX" not in particles.columns)
+            _set_star_poses(particles, *_poses_at(store, positions, poses), store.attrs.get("source_D") or store.D,
+                            _source_apix(store, positions), angstrom)
         write_star(out, particles, optics, version=version, particles_block=block)
     else:
         from distdrgn.formats.cs import write_cs
 
-        write_cs(out, read_cs_rows(store_path, positions))
+        rows = read_cs_rows(store_path, positions)
+        if poses is not None:
+            box = rows["blob/shape"][:, 0] if "blob/shape" in rows.dtype.names else (store.attrs.get("source_D") or store.D)
+            rows = _set_cs_poses(rows, *_poses_at(store, positions, poses), box, _source_apix(store, positions))
+        write_cs(out, rows)
+
+
+def _source_apix(store: ParticleStore, positions: np.ndarray) -> np.ndarray:
+    """Pixel size (A) of the source images of ``positions``: the CTF's, else the store's."""
+    ctf = store.ctf
+    if ctf is not None:
+        return np.asarray(ctf, np.float64)[positions, 1]
+    return np.full(len(positions), float(store.apix or 1.0))
 
 
 def export(store_path, out, *, ind=None, level: int | None = None, force: bool = False, progress: bool = True,
-           new_stack: bool = False) -> list[Path]:
+           new_stack: bool = False, poses=None) -> list[Path]:
     """Write the store's particles (positions ``ind``, default all) to ``out``.
 
     ``out`` ending in .mrcs/.mrc: the images at ``level``, as a stack. .star/.cs: the
@@ -169,7 +223,10 @@ def export(store_path, out, *, ind=None, level: int | None = None, force: bool =
     image names pointing at the original stacks; for a star the original optics table too).
     ``new_stack``: instead write the images to ``OUT.mrcs`` and a .star (RELION 3.1, with
     poses/CTF) or .cs (``blob/``, ``ctf/``, ``alignments3D/`` fields) describing them; the
-    only choice for stores made from bare stacks. Returns the files written.
+    only choice for stores made from bare stacks. ``poses``: a poses.pkl (e.g. ``distdrgn abinit``'s
+    or a pose-refined run's) whose poses replace the store's in the written .star/.cs; one row
+    per store particle, or per particle of ``ind`` (the rows a run on that subset writes).
+    Returns the files written.
     """
     from distdrgn.formats.cs import write_cs
     from distdrgn.formats.star import write_star
@@ -180,6 +237,8 @@ def export(store_path, out, *, ind=None, level: int | None = None, force: bool =
         raise FormatError(f"{out}: unknown output type {suffix or '(no extension)'!r}; expected .mrcs, .star or .cs")
     store = ParticleStore.open(store_path, level)
     positions = _load_positions(ind, store.n)
+    if poses is not None:
+        poses = _poses_for_store(poses, store, positions)
     originals = suffix in (".star", ".cs") and not new_stack
     stack = out if suffix in (".mrcs", ".mrc") else out.with_suffix(".mrcs")
     targets = [out] if originals else [stack] if stack == out else [stack, out]
@@ -189,12 +248,29 @@ def export(store_path, out, *, ind=None, level: int | None = None, force: bool =
     if not out.parent.is_dir():
         raise StoreError(f"{out.parent}: output directory does not exist")
     if originals:
-        _original_rows(store, positions, out, suffix, level, store_path)
+        _original_rows(store, positions, out, suffix, level, store_path, poses)
         return targets
     _write_stack(store, positions, stack, progress)
     if suffix == ".star":
-        particles, optics = _star_tables(store, positions, stack.name)
+        particles, optics = _star_tables(store, positions, stack.name, poses)
         write_star(out, particles, optics)
     elif suffix == ".cs":
-        write_cs(out, _cs_array(store, positions, stack.name))
+        write_cs(out, _cs_array(store, positions, stack.name, poses))
     return targets
+
+
+def _poses_for_store(path, store: ParticleStore, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A poses.pkl as one row per store particle: as it is (n rows), or spread over the sorted
+    ``positions`` it was trained on (a run with data.ind writes one row per particle of it)."""
+    from distdrgn.formats.poses import load_poses
+
+    rots, trans = load_poses(path)
+    if len(rots) == store.n:
+        return rots, trans
+    subset = np.unique(positions)
+    if len(rots) == len(subset):
+        full_rots, full_trans = np.zeros((store.n, 3, 3), np.float32), np.zeros((store.n, 2), np.float32)
+        full_rots[subset], full_trans[subset] = rots, trans
+        return full_rots, full_trans
+    raise StoreError(f"{path}: {len(rots)} poses, but the store has {store.n} particles and --ind selects "
+                     f"{len(subset)}; give the poses.pkl of a run on this store (and its data.ind)")

@@ -1,0 +1,250 @@
+"""Unknown and imperfect poses on simulated data with ground truth: ``distdrgn abinit`` and
+``train model.pose_refine=true``. Prints a table and writes JSON.
+
+    python benchmarks/abinit.py --cases refine abinit search-cost --out benchmarks/abinit.json
+
+Cases:
+- ``refine``: one homogeneous dataset trained three times for the same epochs: on the true
+  poses, on poses perturbed by ``--perturb-deg`` degrees and ``--perturb-px`` pixels (rms), and
+  on the perturbed poses with pose refinement. Reports the pose errors and the FSC of each map
+  against the ground-truth volume (AUC up to Nyquist, 0.5 and 0.143 crossings), and the share
+  of the perturbed-to-true FSC gap that refinement closes.
+- ``abinit``: ab initio from a store without poses: rotation error after the best global
+  rotation and hand (``distdrgn.pose_error``), shift error after the best 3D offset, and the FSC
+  of the map (rotated into the ground truth's frame) against the ground truth.
+- ``search-cost``: seconds per batch of the pose search phase and images/s, against the box D
+  and the number of candidates kept.
+Seconds per epoch come from each run's loss.csv. cryoDRGN 4.3.1's ``abinit`` is not installed
+here, so the table has no cryoDRGN column (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
+
+MODEL = {"model.zdim": 0, "model.dec_dim": 64, "model.dec_layers": 2, "train.batch_size": 16, "train.lr": 2e-3,
+         "train.device": "cpu", "train.analyze": False, "train.log_every": 1000}
+
+
+def overrides(settings: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in {**MODEL, **settings}.items()]
+
+
+def run_cli(argv: list[str]) -> None:
+    from distdrgn.cli import main
+
+    if main(argv) != 0:
+        raise SystemExit(f"failed: distdrgn {' '.join(map(str, argv))}")
+
+
+def epoch_seconds(run: Path) -> list[float]:
+    with open(run / "loss.csv") as f:
+        return [float(r["seconds"]) for r in csv.DictReader(f)]
+
+
+def fsc_summary(vol: np.ndarray, truth: np.ndarray) -> dict:
+    from distdrgn.projection import fsc, fsc_resolution
+
+    freqs, curve = fsc(vol, truth)
+    return {"auc": float(np.trapezoid(curve, freqs) / freqs[-1]), "fsc05_px": 1 / fsc_resolution(freqs, curve, 0.5),
+            "fsc0143_px": 1 / fsc_resolution(freqs, curve, 0.143)}
+
+
+def map_of(run: Path) -> np.ndarray:
+    from distdrgn.volumes import eval_volume, load_model
+
+    return eval_volume(load_model(run), None, device="cpu")
+
+
+def rotate_volume(vol: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """v'(x) = v(x @ frame) for row vectors x = (x, y, z) about the box centre; vol is [z, y, x]."""
+    from scipy.ndimage import affine_transform
+
+    D = vol.shape[0]
+    rev = np.eye(3)[::-1]  # (x, y, z) <-> (z, y, x)
+    matrix = rev @ frame.T @ rev
+    centre = np.full(3, D // 2, dtype=np.float64)
+    return affine_transform(vol, matrix, offset=centre - matrix @ centre, order=1)
+
+
+def pose_errors(found, true, D) -> dict:
+    from distdrgn.pose_error import align_rotations, shift_errors, summary
+
+    aligned = align_rotations(torch.from_numpy(found[0]).double(), torch.from_numpy(true[0]).double())
+    shifts = shift_errors(torch.from_numpy(found[1]).double() * D, torch.from_numpy(true[1]).double() * D,
+                          torch.from_numpy(found[0]).double())
+    return {"rotation_deg": summary(aligned.errors_deg), "shift_px": summary(shifts), "flipped": aligned.flipped,
+            "side": aligned.side, "transform": aligned.transform.numpy()}
+
+
+def simulate_stores(root: Path, n: int, D: int, snr: float, perturb_deg: float, perturb_px: float) -> dict:
+    from distdrgn.formats.poses import load_poses
+    from distdrgn.simulate import ground_truth_volume, simulate
+    from distdrgn.so3_grid import so3_exp
+    from distdrgn.store import ingest
+
+    paths = simulate(root / "sim", n=n, D=D, snr=snr, dist="homogeneous", seed=0, progress=False,
+                     write_volumes=False, force=True)
+    rots, trans = load_poses(paths["poses.pkl"])
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(n, 3)) * np.radians(perturb_deg) / np.sqrt(3)
+    perturbed = ((torch.from_numpy(rots).double() @ so3_exp(torch.from_numpy(w))).float().numpy(),
+                 (trans + rng.normal(size=trans.shape) * perturb_px / np.sqrt(2) / D).astype(np.float32))
+    with open(root / "perturbed.pkl", "wb") as f:
+        pickle.dump(perturbed, f)
+    stores = {}
+    for name, poses in (("true", paths["poses.pkl"]), ("perturbed", root / "perturbed.pkl"), ("none", None)):
+        if not (root / name).exists():
+            ingest(paths["particles.mrcs"], root / name, poses=poses, ctf=paths["ctf.pkl"], progress=False)
+        stores[name] = root / name
+    return {"stores": stores, "true": (rots, trans), "perturbed": perturbed,
+            "truth": ground_truth_volume(0.5, True, D)}
+
+
+def case_refine(args, root: Path) -> dict:
+    from distdrgn.formats.poses import load_poses
+
+    data = simulate_stores(root / "refine", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
+    runs = {"true poses": ("true", {}), "perturbed": ("perturbed", {}),
+            "perturbed + pose_refine": ("perturbed", {"model.pose_refine": True, "model.pose_warmup_epochs": 2})}
+    out = {}
+    for label, (store, extra) in runs.items():
+        run = root / "refine" / label.replace(" ", "_").replace("+", "plus")
+        if not (run / "weights.pkl").exists():
+            run_cli(["train", *overrides({"data.store": data["stores"][store], "output.dir": run,
+                                          "train.epochs": args.epochs, **extra})])
+        poses = load_poses(run / "poses.pkl") if (run / "poses.pkl").exists() else data[store]
+        errs = pose_errors(poses, data["true"], args.D)
+        errs.pop("transform")
+        out[label] = {"fsc": fsc_summary(map_of(run), data["truth"]), "poses": errs,
+                      "seconds_per_epoch": float(np.median(epoch_seconds(run)))}
+    t, p, r = (out[k]["fsc"]["auc"] for k in runs)
+    out["gap_closed"] = (r - p) / (t - p) if t != p else float("nan")
+    return out
+
+
+def case_abinit(args, root: Path) -> dict:
+    from distdrgn.formats.poses import load_poses
+    from distdrgn.pose_error import FLIP
+
+    data = simulate_stores(root / "abinit", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
+    run = root / "abinit" / "run"
+    if not (run / "weights.pkl").exists():
+        # small batches: ab initio needs many model updates per epoch (batch 32 did not converge)
+        run_cli(["abinit", *overrides({"data.store": data["stores"]["none"], "output.dir": run,
+                                       "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
+                                       "train.epochs": args.search_epochs + args.refine_epochs,
+                                       "abinit.search_epochs": args.search_epochs, "abinit.base_rotations": 1152,
+                                       "abinit.keep": 8, "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1,
+                                       "abinit.radius_start": args.radius_start,
+                                       "abinit.radius_end": args.D * 5 // 12})])
+    errs = pose_errors(load_poses(run / "poses.pkl"), data["true"], args.D)
+    G = errs.pop("transform")
+    # the map in the ground truth's frame: V_true(p) = V_found(p G^T) (F G^T ... with the hand flipped)
+    frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
+    vol = map_of(run)
+    fscs = [fsc_summary(rotate_volume(vol, m), data["truth"]) for m in (frame, frame.T)]
+    return {"poses": errs, "fsc": max(fscs, key=lambda f: f["auc"]),
+            "seconds_per_epoch": epoch_seconds(run)}
+
+
+def case_search_cost(args, root: Path) -> list[dict]:
+    """The search on random images against an untrained model: its cost does not depend on the map."""
+    from distdrgn.config import AbinitConfig, ModelConfig
+    from distdrgn.model import build_model
+    from distdrgn.objective import Batch, Preprocess
+    from distdrgn.pose_training import ModelPoseSearch
+
+    rows = []
+    B = 16
+    for D in args.cost_boxes:
+        for zdim in (0, 8):
+            model = build_model(ModelConfig(zdim=zdim, enc_dim=256, dec_dim=256, dec_layers=3), D, seed=0)
+            for keep in args.cost_keeps:
+                cfg = AbinitConfig(keep=keep, base_rotations=4608, radius_start=D / 4)
+                search = ModelPoseSearch(model, Preprocess(D), cfg, "cpu")
+                g = torch.Generator().manual_seed(0)
+                batch = Batch(torch.arange(B), torch.randn(B, D, D, generator=g), None, None, None)
+                search(batch)  # warm-up
+                t0 = time.perf_counter()
+                search(batch)
+                sec = time.perf_counter() - t0
+                rows.append({"D": D, "zdim": zdim, "keep": keep, "base_rotations": 4608, "levels": cfg.levels,
+                             "radius": D / 4, "batch": B, "seconds_per_batch": sec, "images_per_s": B / sec})
+                print(f"  search D={D} zdim={zdim} keep={keep}: {sec:.2f} s per {B} images", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", default=["refine", "abinit", "search-cost"],
+                   choices=["refine", "abinit", "search-cost"])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("-D", type=int, default=24)
+    p.add_argument("--snr", type=float, default=float("inf"))
+    p.add_argument("--epochs", type=int, default=12, help="refine: epochs of each of the three runs")
+    p.add_argument("--perturb-deg", type=float, default=5.0)
+    p.add_argument("--perturb-px", type=float, default=1.0)
+    p.add_argument("--search-epochs", type=int, default=6)
+    p.add_argument("--refine-epochs", type=int, default=2)
+    p.add_argument("--radius-start", type=float, default=6)
+    p.add_argument("--abinit-batch", type=int, default=8)
+    p.add_argument("--abinit-lr", type=float, default=5e-4)
+    p.add_argument("--cost-boxes", type=int, nargs="+", default=[32, 48])
+    p.add_argument("--cost-keeps", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--work", type=Path, default=Path("/tmp/distdrgn_abinit_bench"))
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("abinit.json"))
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU only",
+               "date": time.strftime("%Y-%m-%d"), "settings": {k: v for k, v in vars(args).items() if k != "work"}}
+    results["settings"]["out"] = str(args.out)
+    for case in args.cases:
+        t0 = time.perf_counter()
+        results[case] = {"refine": case_refine, "abinit": case_abinit, "search-cost": case_search_cost}[case](args, args.work)
+        print(f"{case}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print_table(results)
+    args.out.write_text(json.dumps(results, indent=2, default=float))
+    print(f"wrote {args.out}")
+
+
+def print_table(results: dict) -> None:
+    if "refine" in results:
+        r = results["refine"]
+        print("\n| run | rotation error median / p90 (deg) | shift error median (px) | FSC AUC | FSC=0.5 (px) | s/epoch |")
+        print("|---|---|---|---|---|---|")
+        for label, v in r.items():
+            if label == "gap_closed":
+                continue
+            rot, sh, f = v["poses"]["rotation_deg"], v["poses"]["shift_px"], v["fsc"]
+            print(f"| {label} | {rot['median']:.2f} / {rot['p90']:.2f} | {sh['median']:.2f} | {f['auc']:.3f} | "
+                  f"{f['fsc05_px']:.2f} | {v['seconds_per_epoch']:.1f} |")
+        print(f"\nshare of the perturbed -> true FSC AUC gap closed by pose_refine: {r['gap_closed']:.0%}")
+    if "abinit" in results:
+        a = results["abinit"]
+        rot, sh, f = a["poses"]["rotation_deg"], a["poses"]["shift_px"], a["fsc"]
+        print(f"\nabinit: rotation error median {rot['median']:.1f} / p90 {rot['p90']:.1f} deg (flipped={a['poses']['flipped']}), "
+              f"shift median {sh['median']:.2f} px, FSC AUC {f['auc']:.3f}, FSC=0.5 at {f['fsc05_px']:.2f} px; "
+              f"s/epoch {', '.join(f'{s:.0f}' for s in a['seconds_per_epoch'])}")
+    if "search-cost" in results:
+        print("\n| D | zdim | keep | s per 16 images | images/s |")
+        print("|---|---|---|---|---|")
+        for row in results["search-cost"]:
+            print(f"| {row['D']} | {row['zdim']} | {row['keep']} | {row['seconds_per_batch']:.2f} | {row['images_per_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Hierarchical search of the pose (rotation and in-plane shift) that best explains each image.
+
+Level 0 scores every rotation of a base grid (:func:`distdrgn.so3_grid.base_rotations`) against
+every shift of a base shift grid and keeps the ``keep`` best (rotation, shift) pairs per image;
+each further level subdivides the kept rotations and shifts (cells half the size) and scores
+every child rotation with every child shift of the same image.
+
+Conventions are training's (:mod:`distdrgn.objective`): values are Hartley values at lattice
+points in [half, mirror] order; a candidate shift ``t`` (pixels, (x, y)) is applied to the
+*observation*, ``translate_ht(y, freqs, t)`` (training applies ``trans * D``), so a found
+shift is directly the ``trans * D`` of ``poses.pkl``. The error of a candidate is
+``sum_k (ctf_k pred_k - y_t,k)^2``. ``translate_ht`` is orthogonal on a point set closed under
+``k -> -k``, so ``||y_t||^2 = ||y||^2`` for every ``t`` and the error is
+``A - 2 C + ||y||^2`` with ``A = sum_k (ctf_k pred_k)^2`` and ``C = <ctf pred, y_t>``: two
+matrix products, with no (images x rotations x points) tensor for a shared base grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distdrgn.lattice import Lattice, translate_ht
+from distdrgn.so3_grid import subdivide_rotations, subdivide_shifts
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SearchResult:
+    rots: torch.Tensor  # (B, 3, 3) float64 best rotation per image
+    shifts_px: torch.Tensor  # (B, 2) float64 best shift (x, y) in pixels, to apply to the observation
+    error: torch.Tensor  # (B,) float64 sum over the subset points of (ctf * pred - y_t)^2
+    kept_rots: torch.Tensor  # (B, keep, 3, 3) the kept candidates of the last level, best first
+    kept_shifts_px: torch.Tensor  # (B, keep, 2)
+    kept_error: torch.Tensor  # (B, keep) their errors (as ``error``)
+
+
+def radius_subset(lattice: Lattice, radius: float) -> tuple[torch.Tensor, int]:
+    """Masked lattice points with 0 < |k| <= ``radius`` (lattice steps), as a valid [half, mirror] set.
+
+    Returns ``(indices (K,) int64 into the masked [half, mirror] order, n_half_sub)``:
+    ``indices[:n_half_sub]`` are half points in their masked order and
+    ``indices[n_half_sub + i]`` is the mirror of ``indices[i]``, so ``slice_coords[indices]``
+    goes to ``Decoder.slices_at(coords, n_half_sub, ...)`` and ``freqs[indices]`` to
+    ``translate_ht``.
+    """
+    if radius > lattice.D / 2:
+        raise ValueError(f"search radius {radius} is beyond the modelled circle (D/2 = {lattice.D / 2})")
+    full_half, _ = lattice.circle_indices()
+    sub_half, _ = lattice.circle_indices(radius)
+    position = torch.full((lattice.size**2,), -1, dtype=torch.int64)
+    position[full_half] = torch.arange(full_half.numel())
+    half_pos = position[sub_half]  # half points of the subset keep their relative order
+    return torch.cat([half_pos, half_pos + lattice.n_half]), int(half_pos.numel())
+
+
+def shifted_observations(y: torch.Tensor, freqs: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Observations moved by each candidate shift: y (B, K), freqs (K, 2), shifts (B or 1, S, 2) px -> (B, S, K).
+
+    ``out[b, s] = translate_ht(y[b], freqs, shifts[b, s])`` (the training transform), in y's dtype.
+    """
+    B, K = y.shape
+    S = shifts.shape[1]
+    t = shifts.to(y.device, freqs.dtype).expand(B, S, 2).reshape(B * S, 2)
+    yy = y[:, None, :].expand(B, S, K).reshape(B * S, K)
+    return translate_ht(yy, freqs.to(y.device), t).view(B, S, K).to(y.dtype)
+
+
+def score_shared(pred: torch.Tensor, y_shifted: torch.Tensor, ctf: torch.Tensor | None) -> torch.Tensor:
+    """Errors of rotations shared by all images, up to each image's ``||y||^2``.
+
+    pred (M, K) predictions, y_shifted (B, S, K), ctf (B, K) or None -> (B, M, S):
+    ``sum_k (ctf pred_m)^2 - 2 <ctf pred_m, y_s>``.
+    """
+    p2 = pred * pred
+    if ctf is None:
+        a = p2.sum(-1)[None, :].expand(y_shifted.shape[0], -1)  # (B, M)
+        w = y_shifted
+    else:
+        a = (ctf * ctf) @ p2.T  # (B, M)
+        w = ctf[:, None, :] * y_shifted
+    c = torch.matmul(w, pred.T)  # (B, S, M)
+    return a[:, :, None] - 2 * c.transpose(1, 2)
+
+
+def score_per_image(pred: torch.Tensor, y_shifted: torch.Tensor, ctf: torch.Tensor | None) -> torch.Tensor:
+    """Errors of per-image rotations, up to each image's ``||y||^2``.
+
+    pred (B, M, K), y_shifted (B, S, K), ctf (B, K) or None -> (B, M, S).
+    """
+    p2 = pred * pred
+    if ctf is None:
+        a = p2.sum(-1)  # (B, M)
+        w = y_shifted
+    else:
+        a = torch.bmm(p2, (ctf * ctf)[:, :, None]).squeeze(-1)
+        w = ctf[:, None, :] * y_shifted
+    return a[:, :, None] - 2 * torch.bmm(pred, w.transpose(1, 2))
+
+
+def _smallest(err: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest of (B, n) errors per row, ties broken by the lower position.
+
+    -> (values (B, k), positions (B, k)), sorted by (value, position). ``topk`` finds the k-th
+    value (its order among equal values is unspecified); only the few entries at or below it
+    are then sorted, by position and value with stable sorts: far cheaper than sorting all n.
+    NaN counts as +inf.
+    """
+    B, n = err.shape
+    err = torch.nan_to_num(err, nan=float("inf"))
+    kth = torch.topk(err, k, dim=1, largest=False, sorted=True).values[:, -1:]  # (B, 1)
+    rows, cols = torch.nonzero(err <= kth, as_tuple=True)  # row-major: positions ascending per row
+    vals = err[rows, cols]
+    order = torch.sort(vals, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]  # by row, then value, then position
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    counts = torch.bincount(rows, minlength=B)
+    rank = torch.arange(rows.numel(), device=err.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    first = rank < k
+    return vals[first].view(B, k), cols[first].view(B, k)
+
+
+def _merge_best(best_err, best_idx, err, offset: int, keep: int):
+    """Running ``keep`` smallest of (B, n) candidate errors (indices ``offset + j``), ties to
+    the lower index.
+
+    The kept candidates (sorted by (error, index)) come first and every new index is larger
+    than theirs, so breaking ties by position in the concatenation breaks them by index.
+    """
+    idx = torch.arange(offset, offset + err.shape[1], device=err.device).expand(err.shape[0], -1)
+    if best_err is not None:
+        err = torch.cat([best_err, err], 1)
+        idx = torch.cat([best_idx, idx], 1)
+    vals, pos = _smallest(err, min(keep, err.shape[1]))
+    return vals, torch.gather(idx, 1, pos)
+
+
+def _duplicates(close: torch.Tensor) -> torch.Tensor:
+    """(B, n, n) pairwise closeness -> (B, n) True where an earlier candidate is close."""
+    n = close.shape[-1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=close.device).tril(-1)
+    return (close & earlier).any(-1)
+
+
+def _close_rotations(rots: torch.Tensor, tol: float) -> torch.Tensor:
+    """(B, n, 3, 3) -> (B, n, n) True where the rotation angle between two is <= ``tol``.
+
+    From the trace, ``tr(R1^T R2) = 1 + 2 cos(angle)``, one (B, n, 9) x (B, 9, n) product: no
+    (B, n, n, 3, 3) tensor. In float64, cos resolves angles far below the tolerances used here.
+    """
+    flat = rots.reshape(*rots.shape[:-2], 9).double()
+    return flat @ flat.transpose(-1, -2) >= 1 + 2 * math.cos(tol)
+
+
+def _chunk(max_elements: int, per_rotation: int) -> int:
+    return max(1, max_elements // max(per_rotation, 1))
+
+
+def search_poses(
+    predict: Predictor,
+    y: torch.Tensor,
+    ctf: torch.Tensor | None,
+    freqs: torch.Tensor,
+    *,
+    base_rots: torch.Tensor,
+    base_spacing: float,
+    base_shifts: torch.Tensor,
+    shift_step: float,
+    levels: int,
+    keep: int,
+    shared_base: bool,
+    max_elements: int = 2**26,
+) -> SearchResult:
+    """Best (rotation, shift) per image by hierarchical grid search.
+
+    predict: rotations (M, 3, 3) -> predictions (M, K) (only for the base grid, when
+    ``shared_base``) or (B, M, 3, 3) -> (B, M, K), at the subset points (:func:`radius_subset`).
+    y (B, K) observations (not translated), ctf (B, K) or None, freqs (K, 2) cycles/pixel of the
+    subset; base_rots (M0, 3, 3) with cell side ``base_spacing`` radians; base_shifts (S0, 2)
+    pixels on a grid of ``shift_step``. ``levels`` subdivisions after level 0, ``keep`` pairs
+    kept per image and level (1 <= keep <= 81, so that the children of one pair fill it).
+    ``shared_base``: the base grid's predictions are the same for every image (zdim = 0);
+    otherwise ``predict`` gets (B, M0, 3, 3). Scores are computed in y's dtype (float32 for
+    training's targets: the ranking needs no more). ``max_elements`` bounds the elements of each
+    score and prediction block (chunks over candidate rotations); the shifted observations
+    (B, S, K), S = S0 at level 0 and 9 keep after, are held whole, so bound B (images per call)
+    with them in mind.
+
+    Children that repeat a rotation (within a quarter of the child spacing) or a shift (within
+    a quarter of the child step) of an earlier child of the same image are not scored, so the
+    kept pairs are distinct. Deterministic: ties go to the lower candidate index.
+    """
+    B, K = y.shape
+    device = y.device
+    M0, S0 = base_rots.shape[0], base_shifts.shape[0]
+    if not 1 <= keep <= 81:
+        raise ValueError(f"keep must be in [1, 81], got {keep}")
+    if keep > M0 * S0:
+        raise ValueError(f"keep = {keep} is more than the {M0 * S0} base (rotation, shift) pairs")
+    freqs = freqs.to(device)
+    ctf = None if ctf is None else ctf.to(y.dtype)
+    user_predict = predict
+
+    def predict(r: torch.Tensor) -> torch.Tensor:  # scores in y's dtype
+        return user_predict(r).to(y.dtype)
+
+    base_rots = base_rots.to(device, torch.float64)
+    base_shifts = base_shifts.to(device, torch.float64)
+    y2 = (y.double() ** 2).sum(-1)  # (B,) the constant ||y_t||^2
+
+    # level 0: every base rotation x every base shift
+    y_sh = shifted_observations(y, freqs, base_shifts[None])  # (B, S0, K)
+    best_err = best_idx = None
+    step = _chunk(max_elements, B * max(S0, K))
+    for s in range(0, M0, step):
+        r = base_rots[s : s + step]
+        if shared_base:
+            err = score_shared(predict(r), y_sh, ctf)
+        else:
+            err = score_per_image(predict(r[None].expand(B, -1, -1, -1)), y_sh, ctf)
+        best_err, best_idx = _merge_best(best_err, best_idx, err.reshape(B, -1), s * S0, keep)
+    rots = base_rots[best_idx // S0]  # (B, keep, 3, 3)
+    shifts = base_shifts[best_idx % S0]  # (B, keep, 2)
+
+    spacing, sstep = base_spacing, shift_step
+    for _ in range(levels):
+        child_rots = subdivide_rotations(rots, spacing)  # (B, 9 keep, 3, 3)
+        child_shifts = subdivide_shifts(shifts, sstep)  # (B, 9 keep, 2)
+        spacing, sstep = spacing / 2, sstep / 2
+        bad_rot = _duplicates(_close_rotations(child_rots, spacing / 4))
+        bad_shift = _duplicates(torch.cdist(child_shifts, child_shifts) <= sstep / 4)
+        y_sh = shifted_observations(y, freqs, child_shifts)  # (B, Sc, K)
+        Mc, Sc = child_rots.shape[1], child_shifts.shape[1]
+        best_err = best_idx = None
+        step = _chunk(max_elements, B * max(Sc, K))
+        for s in range(0, Mc, step):
+            err = score_per_image(predict(child_rots[:, s : s + step]), y_sh, ctf)  # (B, m, Sc)
+            invalid = bad_rot[:, s : s + step, None] | bad_shift[:, None, :]
+            err = err.masked_fill(invalid, float("inf"))
+            best_err, best_idx = _merge_best(best_err, best_idx, err.reshape(B, -1), s * Sc, keep)
+        rots = torch.gather(child_rots, 1, (best_idx // Sc)[:, :, None, None].expand(-1, -1, 3, 3))
+        shifts = torch.gather(child_shifts, 1, (best_idx % Sc)[:, :, None].expand(-1, -1, 2))
+    errors = best_err.double() + y2[:, None]
+    return SearchResult(rots=rots[:, 0], shifts_px=shifts[:, 0], error=errors[:, 0], kept_rots=rots,
+                        kept_shifts_px=shifts, kept_error=errors)
+
+
+def decoder_predictor(
+    decoder, coords: torch.Tensor, n_half_sub: int, z: torch.Tensor | None, max_points: int
+) -> Predictor:
+    """The ``predict`` of :func:`search_poses` for a :class:`distdrgn.model.Decoder`.
+
+    coords (K, 3) subset coordinates in [half, mirror] order (``slice_coords[indices]``),
+    z (B, zdim) or None. ``predict(rots)``: (M, 3, 3) with z None -> (M, K); (B, M, 3, 3) ->
+    (B, M, K), each candidate with its image's z. Rotations are evaluated in chunks of at most
+    ``max_points`` slice points, without gradients, in float32 (float64 rotations would make
+    the decoder run in float64).
+    """
+    K = coords.shape[0]
+    chunk = max(1, max_points // max(K, 1))
+
+    def _slices(rots: torch.Tensor, zz: torch.Tensor | None) -> torch.Tensor:
+        out = []
+        for s in range(0, rots.shape[0], chunk):
+            zc = None if zz is None else zz[s : s + chunk]
+            out.append(decoder.slices_at(coords, n_half_sub, rots[s : s + chunk], zc).float())
+        return torch.cat(out) if out else torch.zeros(0, K, device=coords.device)
+
+    @torch.no_grad()
+    def predict(rots: torch.Tensor) -> torch.Tensor:
+        rots = rots.float()
+        if rots.dim() == 3:
+            if z is not None:
+                raise ValueError("rotations shared by all images need z = None (zdim = 0)")
+            return _slices(rots, None)
+        B, M = rots.shape[:2]
+        zz = None if z is None else z.repeat_interleave(M, 0)
+        return _slices(rots.reshape(B * M, 3, 3), zz).view(B, M, K)
+
+    return predict

@@ -1,0 +1,205 @@
+"""Where a run's poses come from, epoch by epoch: the store (plain ``train``), the store with
+learnable corrections (``model.pose_refine=true``), or the hierarchical search
+(``distdrgn abinit``), which later hands over to gradient refinement.
+
+:func:`build_poses` makes the :class:`~distdrgn.pose_table.PoseTable` of a run (None for fixed
+poses), :class:`ModelPoseSearch` binds the search of :mod:`distdrgn.pose_search` to the model
+being trained, and :func:`pose_phase` is the policy of which epochs search and which refine.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distdrgn.config import AbinitConfig, Config
+from distdrgn.errors import DistdrgnError
+from distdrgn.model import CryoDRGN
+from distdrgn.objective import Batch, Preprocess, _on_device, prepare_targets
+from distdrgn.pose_search import decoder_predictor, radius_subset, search_poses
+from distdrgn.pose_table import PoseTable
+from distdrgn.so3_grid import base_rotations, grid_spacing, shift_grid
+
+log = logging.getLogger("distdrgn.train")
+
+POSE_NAMES = {"store": "store (fixed)", "refine": "store, refined (model.pose_refine=true)",
+              "search": "pose search (distdrgn abinit)"}
+
+
+def pose_source(cfg: Config, search: bool) -> str:
+    """``search`` (abinit), ``refine`` (model.pose_refine) or ``store`` (fixed poses)."""
+    return "search" if search else "refine" if cfg.model.pose_refine else "store"
+
+
+def pose_phase(cfg: Config, source: str, epoch: int) -> tuple[bool, bool]:
+    """(searching, refining) in ``epoch`` (from 1). abinit searches for ``abinit.search_epochs``
+    epochs and then refines (``abinit.refine``); pose refinement waits
+    ``model.pose_warmup_epochs`` epochs on the store's poses, so that the model first fits them."""
+    if source == "search":
+        searching = epoch <= cfg.abinit.search_epochs
+        return searching, not searching and cfg.abinit.refine
+    if source == "refine":
+        return False, epoch > cfg.model.pose_warmup_epochs
+    return False, False
+
+
+def search_radius(cfg: AbinitConfig, epoch: int, D: int) -> float:
+    """Frequency marching: the lattice radius the search compares within grows linearly from
+    ``radius_start`` (first epoch) to ``radius_end`` (last search epoch), capped at D/2."""
+    span = max(cfg.search_epochs - 1, 1)
+    frac = min(max(epoch - 1, 0) / span, 1.0)
+    return min(cfg.radius_start + frac * (cfg.radius_end - cfg.radius_start), D / 2)
+
+
+def volume_predictor(decoder, coords: torch.Tensor, radius: float, D: int, oversample: int = 2):
+    """The ``predict`` of :func:`~distdrgn.pose_search.search_poses` for a homogeneous model
+    from one decoded volume: the decoder is evaluated once on a grid ``oversample`` times
+    finer than the lattice, within ``radius`` (+ one lattice step), and every candidate slice
+    is read from it by trilinear interpolation. The slices of a search are ~100 per image, so
+    this replaces millions of decoder evaluations per batch by one small volume; twofold
+    oversampling keeps the interpolation error well below the noise (RELION pads by 2 for
+    the same reason). Gradient refinement later uses the decoder itself.
+
+    coords (K, 3) subset coordinates (cycles/pixel); ``predict(rots)``: (M, 3, 3) -> (M, K)
+    or (B, M, 3, 3) -> (B, M, K).
+    """
+    n = int(np.ceil((radius + 1) * oversample))
+    axis = torch.arange(-n, n + 1, device=coords.device, dtype=torch.float32) / (oversample * D)
+    gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    grid = torch.stack([gx, gy, gz], -1).reshape(-1, 3)  # (G^3, 3) x fastest: volume[z, y, x]
+    inside = torch.nonzero(grid.norm(dim=1) * D <= radius + 1.5).squeeze(1)
+    values = torch.zeros(grid.shape[0], device=coords.device)
+    with torch.no_grad():
+        for s in range(0, len(inside), 1 << 18):
+            part = inside[s : s + (1 << 18)]
+            values[part] = decoder.hartley(grid[part][None], None)[0].float()
+    volume = values.view(1, 1, 2 * n + 1, 2 * n + 1, 2 * n + 1)
+    scale = oversample * D / n  # cycles/pixel -> grid_sample's [-1, 1] (align_corners: +-1 are the end points)
+
+    @torch.no_grad()
+    def predict(rots: torch.Tensor) -> torch.Tensor:
+        lead = rots.shape[:-2]
+        pts = (coords.float() @ rots.float().reshape(-1, 3, 3)) * scale  # (M', K, 3), (x, y, z)
+        out = torch.nn.functional.grid_sample(volume, pts[None, :, :, None, :], mode="bilinear", align_corners=True)
+        return out.view(*lead, coords.shape[0])
+
+    return predict
+
+
+def sample_candidates(errors: torch.Tensor, n_points: int) -> torch.Tensor:
+    """One candidate per image drawn from its posterior over the kept candidates: (B, keep)
+    summed squared errors over ``n_points`` lattice points -> (B,) indices.
+
+    With Gaussian noise of variance s^2 per point, p(pose | image) ~ exp(-error / (2 s^2)); s^2
+    is estimated by the best candidate's mean error. Drawing from it instead of taking the
+    best (stochastic EM) lets an early, wrong map be corrected: the hard choice locks each
+    image to whatever the map first resembled from its view. Uses torch's global generator,
+    which the training loop reseeds before each step (so a resumed run draws the same).
+    """
+    e = errors.double()
+    noise = (e[:, :1] / max(n_points, 1)).clamp_min(1e-12)
+    logits = -(e - e[:, :1]) / (2 * noise)
+    return torch.multinomial(torch.softmax(logits, dim=1).float(), 1).squeeze(1)
+
+
+class ModelPoseSearch:
+    """A batch's poses by the hierarchical search against the model as it is now.
+
+    Images are compared untranslated (each candidate shift moves the observation, as the
+    loss does); z, for a heterogeneous model, is the encoder's mean of the untranslated
+    image. Returns rotations (B, 3, 3) and shifts (B, 2) in fractions of the box.
+    """
+
+    def __init__(self, model: CryoDRGN, prep: Preprocess, cfg: AbinitConfig, device):
+        D = model.lattice.D
+        self.model, self.prep, self.cfg = model, prep, cfg
+        self.base_rots = base_rotations(cfg.base_rotations).to(device, torch.float32)
+        self.base_spacing = grid_spacing(cfg.base_rotations)
+        # shifts beyond a quarter box are not shifts of a centred particle
+        self.base_shifts = shift_grid(min(cfg.shift_extent_px, D / 4), cfg.shift_step_px).to(device, torch.float32)
+        self.radius = min(cfg.radius_start, D / 2)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.radius = search_radius(self.cfg, epoch, self.model.lattice.D)
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        model, lattice = self.model, self.model.lattice
+        unshifted = Batch(batch.indices, batch.images, None, None, batch.ctf)
+        with torch.autocast(batch.images.device.type, enabled=False):
+            targets = prepare_targets(unshifted, self.prep, lattice)
+            z = model.encode(targets.y_enc)[0] if model.zdim else None
+            idx, n_half = radius_subset(lattice, self.radius)
+            idx = idx.to(targets.y.device)
+            freqs = _on_device("freqs", lattice.D, targets.y.device, torch.float32)[idx]
+            coords = model.slice_coords[idx]
+            if model.zdim:  # one volume per image: the decoder at each candidate's points
+                predict = decoder_predictor(model.decoder, coords, n_half, z, max_points=1 << 21)
+            else:
+                predict = volume_predictor(model.decoder, coords, self.radius, lattice.D)
+            found = search_poses(predict, targets.y[:, idx], None if targets.ctf is None else targets.ctf[:, idx],
+                                 freqs, base_rots=self.base_rots, base_spacing=self.base_spacing,
+                                 base_shifts=self.base_shifts, shift_step=self.cfg.shift_step_px,
+                                 levels=self.cfg.levels, keep=self.cfg.keep, shared_base=not model.zdim)
+        if not self.cfg.sample:
+            return found.rots.float(), found.shifts_px.float() / lattice.D
+        pick = sample_candidates(found.kept_error, len(idx))
+        rows = torch.arange(len(pick), device=pick.device)
+        return found.kept_rots[rows, pick].float(), found.kept_shifts_px[rows, pick].float() / lattice.D
+
+
+def build_poses(cfg: Config, source: str, store, model: CryoDRGN, prep: Preprocess, device, ckpt: dict | None,
+                out_dir: Path) -> PoseTable | None:
+    """The run's pose table (None for ``store`` poses): the store's poses to refine, or
+    identities for the search to replace; the checkpoint's state when resuming."""
+    theirs = ckpt.get("pose_source", "store") if ckpt else source
+    if theirs != source or (ckpt and source != "store" and "pose_state" not in ckpt):
+        raise DistdrgnError(f"{out_dir}: the run was started with poses from the {POSE_NAMES[theirs]}, this command "
+                            f"takes them from the {POSE_NAMES[source]}; use a new output.dir")
+    if source == "store":
+        return None
+    n = store.n
+    if source == "refine":
+        if store.poses is None:
+            raise DistdrgnError(f"{store.path}: model.pose_refine=true refines the store's poses, but the store has "
+                                "none; ingest with --poses, or find poses with `distdrgn abinit`")
+        rots, trans = store.poses
+        rots = torch.from_numpy(np.asarray(rots, np.float32))
+        trans = torch.zeros(n, 2) if trans is None else torch.from_numpy(np.asarray(trans, np.float32))
+        searcher = None
+    else:
+        if cfg.train.engine == "deepspeed":  # its bf16 / ZeRO-3 parameters are not the module's to read directly
+            raise DistdrgnError("distdrgn abinit runs with train.engine=ddp (the pose search reads the decoder's "
+                                "parameters, which DeepSpeed may hold in bf16 or partitioned)")
+        rots, trans = torch.eye(3).expand(n, 3, 3).clone(), torch.zeros(n, 2)
+        searcher = ModelPoseSearch(model, prep, cfg.abinit, device)
+    table = PoseTable(rots, trans, store.D, device, lr_rot=cfg.model.pose_lr_rot, lr_trans=cfg.model.pose_lr_trans,
+                      searcher=searcher)
+    if ckpt:
+        table.load(out_dir, ckpt["pose_state"])
+    return table
+
+
+def start_epoch(table: PoseTable | None, cfg: Config, source: str, epoch: int) -> None:
+    """Set the table's phase for ``epoch`` and log it."""
+    if table is None:
+        return
+    table.searching, table.refining = pose_phase(cfg, source, epoch)
+    table.loss_weight = None
+    if table.searching:
+        searcher = table.searcher
+        searcher.set_epoch(epoch)
+        # the model fits only the frequencies the search compares: with wrong early poses the
+        # higher ones are fitted to noise and pull the search into a wrong map (frequency marching)
+        lattice = searcher.model.lattice
+        radius = (lattice.coords[lattice.mask_indices, :2].norm(dim=1) * lattice.D).to(table.device)
+        table.loss_weight = (radius <= searcher.radius + 1e-6).float()
+        log.info("epoch %d: searching poses (%d rotations x %d shifts, %d levels, keep %d) within radius %.1f",
+                 epoch, len(table.searcher.base_rots), len(table.searcher.base_shifts), cfg.abinit.levels,
+                 cfg.abinit.keep, table.searcher.radius)
+    elif table.refining:
+        log.info("epoch %d: refining poses by gradient (%.3g rad, %.3g px per epoch)", epoch, cfg.model.pose_lr_rot,
+                 cfg.model.pose_lr_trans)

@@ -275,6 +275,15 @@ def test_sbatch_script_trains_as_a_slurm_job(slurm, small_dataset, tiny_override
     assert staged.is_dir() and f"store {staged}" in (run / "run.log").read_text()
 
 
+def release(slurm, job_id: str) -> None:
+    """Let a requeued job start now instead of after SLURM's ~2 min hold. slurmd revokes the old
+    run's credential at the requeue and refuses a new one issued in the same second ("Killing
+    non-startable batch JobId=N: Job credential revoked", seen once when the release came 0.3 s
+    after the requeue), so the release waits until two whole seconds have passed."""
+    time.sleep(2.0)
+    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
 def test_preempted_then_time_limited_job_is_requeued_resumes_and_sees_each_particle_once(
         slurm, small_dataset, store, tiny_overrides, tmp_path):
     run, trace = tmp_path / "run", tmp_path / "trace"
@@ -304,12 +313,12 @@ def test_preempted_then_time_limited_job_is_requeued_resumes_and_sees_each_parti
     slurm.wait_job(job_id, "training in the first attempt", training(None), out)
     slurm.run("scontrol", "requeue", job_id)
     slurm.wait_job(job_id, "the requeue after scontrol requeue", requeued(1), out)
-    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip SLURM's ~2 min hold
+    release(slurm, job_id)
     # 2. the time-limit warning (--signal=B:USR1@300) to the batch shell: the script stops and requeues
     slurm.wait_job(job_id, "training in the second attempt", training(newest_resume()), out)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
     slurm.wait_job(job_id, "the script's own requeue after SIGUSR1", requeued(2), out)
-    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    release(slurm, job_id)
     info = slurm.wait_job(job_id, "the third attempt to finish", ended, out)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), tails(logs)
     check_complete(run, out)

@@ -195,8 +195,8 @@ def start_epoch(table: PoseTable | None, cfg: Config, source: str, epoch: int) -
         # the model fits only the frequencies the search compares: with wrong early poses the
         # higher ones are fitted to noise and pull the search into a wrong map (frequency marching)
         lattice = searcher.model.lattice
-        radius = (lattice.coords[lattice.mask_indices, :2].norm(dim=1) * lattice.D).to(table.device)
-        table.loss_weight = (radius <= searcher.radius + 1e-6).float()
+        table.loss_weight = torch.zeros(lattice.n_masked, device=table.device)
+        table.loss_weight[radius_subset(lattice, searcher.radius)[0].to(table.device)] = 1.0
         log.info("epoch %d: searching poses (%d rotations x %d shifts, %d levels, keep %d) within radius %.1f",
                  epoch, len(table.searcher.base_rots), len(table.searcher.base_shifts), cfg.abinit.levels,
                  cfg.abinit.keep, table.searcher.radius)

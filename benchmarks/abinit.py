@@ -12,10 +12,20 @@ Cases:
 - ``abinit``: ab initio from a store without poses: rotation error after the best global
   rotation and hand (``distdrgn.pose_error``), shift error after the best 3D offset, and the FSC
   of the map (rotated into the ground truth's frame) against the ground truth.
+- ``versus-cryodrgn``: the ``abinit`` dataset reconstructed ab initio by distdrgn and by
+  cryoDRGN 4.3.1's ``cryodrgn abinit`` (``--cryodrgn PATH``: its executable, e.g. in a separate
+  venv) with the same schedule (``--search-epochs`` of pose search, then ``--refine-epochs`` of
+  gradient updates of the poses), search grid (4,608 base rotations, shifts +-4 px on a 1 px
+  grid, 8 kept, 4 levels), frequency marching and decoder (2 x 64), each with its own batch
+  sizes. The same pose-error and FSC measures for both, and seconds per epoch.
+- ``hinge``: the continuous hinge (``simulate --dist uniform``), heterogeneous (zdim
+  ``--hinge-zdim``): ab initio against fixed-pose training on the true poses, for the same
+  epochs. Pose errors, PC1 |Spearman| of z against the true conformation and the per-image FSC
+  AUC of volumes decoded at each image's z (as ``benchmarks/quality.py`` measures; the ab
+  initio volumes rotated into the ground truth's frame first).
 - ``search-cost``: seconds per batch of the pose search phase and images/s, against the box D
   and the number of candidates kept.
-Seconds per epoch come from each run's loss.csv. cryoDRGN 4.3.1's ``abinit`` is not installed
-here, so the table has no cryoDRGN column (see benchmarks/RESULTS.md).
+Seconds per epoch come from each run's loss.csv (distdrgn) or run.log (cryoDRGN).
 """
 
 from __future__ import annotations
@@ -119,10 +129,14 @@ def case_refine(args, root: Path) -> dict:
 
     data = simulate_stores(root / "refine", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
     runs = {"true poses": ("true", {}), "perturbed": ("perturbed", {}),
-            "perturbed + pose_refine": ("perturbed", {"model.pose_refine": True, "model.pose_warmup_epochs": 2})}
+            "perturbed + pose_refine": ("perturbed", {"model.pose_refine": True, "model.pose_warmup_epochs": 2,
+                                                       **({"model.pose_lr_rot": args.pose_lr_rot}
+                                                          if args.pose_lr_rot is not None else {})})}
     out = {}
     for label, (store, extra) in runs.items():
         run = root / "refine" / label.replace(" ", "_").replace("+", "plus")
+        if "pose_refine" in label and args.pose_lr_rot is not None:
+            run = run.with_name(f"{run.name}_lr{args.pose_lr_rot:g}")
         if not (run / "weights.pkl").exists():
             run_cli(["train", *overrides({"data.store": data["stores"][store], "output.dir": run,
                                           "train.epochs": args.epochs, **extra})])
@@ -136,29 +150,146 @@ def case_refine(args, root: Path) -> dict:
     return out
 
 
+def distdrgn_abinit(args, data: dict, run: Path, base_rotations: int) -> None:
+    if (run / "weights.pkl").exists():
+        return
+    # small batches: ab initio needs many model updates per epoch (batch 32 did not converge)
+    run_cli(["abinit", *overrides({"data.store": data["stores"]["none"], "output.dir": run,
+                                   "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
+                                   "train.epochs": args.search_epochs + args.refine_epochs,
+                                   "abinit.search_epochs": args.search_epochs, "abinit.base_rotations": base_rotations,
+                                   "abinit.keep": 8, "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1,
+                                   "abinit.radius_start": args.radius_start, "abinit.radius_end": args.D * 5 // 12})])
+
+
+def evaluate_abinit(poses, vol: np.ndarray, data: dict, D: int) -> dict:
+    """Pose errors after the best global alignment, and the FSC of ``vol`` rotated into the
+    ground truth's frame: V_true(p) = V_found(p G^T) (F G^T with the hand flipped)."""
+    from distdrgn.pose_error import FLIP
+
+    errs = pose_errors(poses, data["true"], D)
+    G = errs.pop("transform")
+    frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
+    fscs = [fsc_summary(rotate_volume(vol, m), data["truth"]) for m in (frame, frame.T)]
+    return {"poses": errs, "fsc": max(fscs, key=lambda f: f["auc"])}
+
+
 def case_abinit(args, root: Path) -> dict:
     from distdrgn.formats.poses import load_poses
-    from distdrgn.pose_error import FLIP
 
     data = simulate_stores(root / "abinit", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
     run = root / "abinit" / "run"
-    if not (run / "weights.pkl").exists():
-        # small batches: ab initio needs many model updates per epoch (batch 32 did not converge)
-        run_cli(["abinit", *overrides({"data.store": data["stores"]["none"], "output.dir": run,
-                                       "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
-                                       "train.epochs": args.search_epochs + args.refine_epochs,
-                                       "abinit.search_epochs": args.search_epochs, "abinit.base_rotations": 1152,
-                                       "abinit.keep": 8, "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1,
-                                       "abinit.radius_start": args.radius_start,
-                                       "abinit.radius_end": args.D * 5 // 12})])
-    errs = pose_errors(load_poses(run / "poses.pkl"), data["true"], args.D)
-    G = errs.pop("transform")
-    # the map in the ground truth's frame: V_true(p) = V_found(p G^T) (F G^T ... with the hand flipped)
-    frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
-    vol = map_of(run)
-    fscs = [fsc_summary(rotate_volume(vol, m), data["truth"]) for m in (frame, frame.T)]
-    return {"poses": errs, "fsc": max(fscs, key=lambda f: f["auc"]),
+    distdrgn_abinit(args, data, run, base_rotations=1152)
+    return {**evaluate_abinit(load_poses(run / "poses.pkl"), map_of(run), data, args.D),
             "seconds_per_epoch": epoch_seconds(run)}
+
+
+def cryodrgn_epoch_seconds(log: Path) -> list[float]:
+    """Seconds of each epoch from cryoDRGN abinit's run.log ('Epoch: N finished in H:MM:SS.ffffff')."""
+    import re
+
+    out = []
+    for m in re.finditer(r"Epoch: \d+ finished in (\d+):(\d+):([\d.]+)", log.read_text()):
+        h, mi, sec = m.groups()
+        out.append(int(h) * 3600 + int(mi) * 60 + float(sec))
+    return out
+
+
+def case_versus_cryodrgn(args, root: Path) -> dict:
+    import subprocess
+
+    from distdrgn.formats.mrc import read_volume
+    from distdrgn.formats.poses import load_poses
+
+    if args.cryodrgn is None:
+        raise SystemExit("versus-cryodrgn needs --cryodrgn PATH (the cryodrgn executable of a cryoDRGN 4.3.1 install)")
+    data = simulate_stores(root / "abinit", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
+    epochs = args.search_epochs + args.refine_epochs
+    out = {}
+    run = root / "abinit" / f"distdrgn_s{args.search_epochs}_e{epochs}"
+    distdrgn_abinit(args, data, run, base_rotations=4608)
+    out["distdrgn"] = {**evaluate_abinit(load_poses(run / "poses.pkl"), map_of(run), data, args.D),
+                       "seconds_per_epoch": epoch_seconds(run)}
+
+    cd = root / "abinit" / f"cryodrgn_s{args.search_epochs}_e{epochs}"
+    sim = root / "abinit" / "sim"
+    if not (cd / f"pose.{epochs}.pkl").exists():
+        cmd = [args.cryodrgn, "abinit", sim / "particles.mrcs", "--ctf", sim / "ctf.pkl", "-o", cd, "--zdim", "0",
+               "--num-epochs", epochs, "--epochs-pose-search", args.search_epochs, "--layers", 2, "--dim", 64,
+               "--l-start", int(args.radius_start), "--l-end", args.D * 5 // 12, "--t-extent", 4, "--t-ngrid", 9,
+               "--nkeptposes", 8, "--niter", 4, "--base-healpy", 2, "--seed", 0, "--no-amp", "--num-workers", 0,
+               "--max-threads", args.cryodrgn_threads]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.cryodrgn_threads)}
+        subprocess.run([str(c) for c in cmd], check=True, env=env, stdout=subprocess.DEVNULL)
+    with open(cd / f"pose.{epochs}.pkl", "rb") as f:
+        rots, trans_px = pickle.load(f)
+    # cryoDRGN abinit writes its shifts in pixels; its rotation (R or R^T) and shift sign
+    # conventions are checked against the ground truth, not assumed
+    vol = read_volume(cd / f"reconstruct.{epochs}.mrc")[0].astype(np.float32)
+    rots, trans = np.asarray(rots, np.float32), np.asarray(trans_px, np.float32) / args.D
+    candidates = {(t, sign): evaluate_abinit((rots.transpose(0, 2, 1) if t else rots, sign * trans), vol, data, args.D)
+                  for t in (False, True) for sign in (1, -1)}
+    best = min(candidates, key=lambda k: (candidates[k]["poses"]["rotation_deg"]["median"],
+                                          candidates[k]["poses"]["shift_px"]["median"]))
+    out["cryodrgn"] = {**candidates[best], "rotations_transposed": best[0], "shift_sign": best[1],
+                       "seconds_per_epoch": cryodrgn_epoch_seconds(cd / "run.log")}
+    return out
+
+
+def case_hinge(args, root: Path) -> dict:
+    from distdrgn.analysis.latent import load_z
+    from distdrgn.analysis.validation import mismatched_partners, stratified_indices
+    from distdrgn.formats.poses import load_poses
+    from distdrgn.pose_error import FLIP
+    from distdrgn.simulate import load_ground_truth, simulate
+    from distdrgn.store import ingest
+    from distdrgn.volumes import eval_volume, load_model
+    from quality import fsc_metrics, latent_metrics
+
+    base = root / "hinge"
+    paths = simulate(base / "sim", n=args.n, D=args.D, snr=args.snr, dist="uniform", seed=0, progress=False,
+                     write_volumes=False, force=True)
+    gt = load_ground_truth(base / "sim")
+    true = load_poses(paths["poses.pkl"])
+    for name, poses in (("true", paths["poses.pkl"]), ("none", None)):
+        if not (base / name).exists():
+            ingest(paths["particles.mrcs"], base / name, poses=poses, ctf=paths["ctf.pkl"], progress=False)
+    het = {"model.zdim": args.hinge_zdim, "model.enc_dim": 64, "model.enc_layers": 2,
+           "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
+           "train.epochs": args.search_epochs + args.refine_epochs}
+    idx = stratified_indices(gt.c, args.n_fsc)
+    partner = mismatched_partners(len(idx), seed=1)
+    out = {}
+    for label, cmd, extra in (
+        ("true poses (fixed)", "train", {"data.store": base / "true"}),
+        ("abinit", "abinit", {"data.store": base / "none", "abinit.search_epochs": args.search_epochs,
+                              "abinit.base_rotations": 1152, "abinit.keep": 8, "abinit.shift_extent_px": 4,
+                              "abinit.shift_step_px": 1, "abinit.radius_start": args.radius_start,
+                              "abinit.radius_end": args.D * 5 // 12}),
+    ):
+        run = base / label.split()[0]
+        if not (run / "weights.pkl").exists():
+            run_cli([cmd, *overrides({**het, **extra, "output.dir": run})])
+        z = load_z(run / "z.pkl")
+        row = {"latent": latent_metrics(z, gt), "seconds_per_epoch": epoch_seconds(run)}
+        frame = np.eye(3)
+        if cmd == "abinit":
+            errs = pose_errors(load_poses(run / "poses.pkl"), true, args.D)
+            G = errs.pop("transform")
+            frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
+            row["poses"] = errs
+        model = load_model(run, device="cpu")
+        with torch.no_grad():
+            vols = [eval_volume(model, z[i], device="cpu") for i in idx]
+        # the frame (or its inverse: which one the decoder's axes need) that fits the mean map best
+        if cmd == "abinit":
+            mean = np.mean(vols, axis=0)
+            truth_mean = np.mean([gt.image_volume(int(i)) for i in idx], axis=0)
+            frame = max((frame, frame.T), key=lambda m: fsc_summary(rotate_volume(mean, m), truth_mean)["auc"])
+        fsc = fsc_metrics([rotate_volume(v, frame) for v in vols], idx, partner, gt, gt.params.pixel_size)
+        row["fsc_auc"] = {k: fsc[k]["auc"] for k in ("matched", "mismatched")}
+        out[label] = row
+    return out
 
 
 def case_search_cost(args, root: Path) -> list[dict]:
@@ -191,21 +322,30 @@ def case_search_cost(args, root: Path) -> list[dict]:
     return rows
 
 
+CASES = {"refine": case_refine, "abinit": case_abinit, "versus-cryodrgn": case_versus_cryodrgn,
+         "hinge": case_hinge, "search-cost": case_search_cost}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=["refine", "abinit", "search-cost"],
-                   choices=["refine", "abinit", "search-cost"])
+                   choices=list(CASES))
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("-D", type=int, default=24)
     p.add_argument("--snr", type=float, default=float("inf"))
     p.add_argument("--epochs", type=int, default=12, help="refine: epochs of each of the three runs")
     p.add_argument("--perturb-deg", type=float, default=5.0)
     p.add_argument("--perturb-px", type=float, default=1.0)
+    p.add_argument("--pose-lr-rot", type=float, help="refine: model.pose_lr_rot (default: the config's)")
     p.add_argument("--search-epochs", type=int, default=6)
     p.add_argument("--refine-epochs", type=int, default=2)
     p.add_argument("--radius-start", type=float, default=6)
     p.add_argument("--abinit-batch", type=int, default=8)
     p.add_argument("--abinit-lr", type=float, default=5e-4)
+    p.add_argument("--hinge-zdim", type=int, default=8)
+    p.add_argument("--n-fsc", type=int, default=20, help="hinge: images whose decoded volume is compared")
+    p.add_argument("--cryodrgn", type=Path, help="versus-cryodrgn: the cryodrgn executable (cryoDRGN 4.3.1)")
+    p.add_argument("--cryodrgn-threads", type=int, default=1)
     p.add_argument("--cost-boxes", type=int, nargs="+", default=[32, 48])
     p.add_argument("--cost-keeps", type=int, nargs="+", default=[2, 8])
     p.add_argument("--cost-rotations", type=int, default=4608)
@@ -218,7 +358,7 @@ def main() -> None:
     results["settings"]["out"] = str(args.out)
     for case in args.cases:
         t0 = time.perf_counter()
-        results[case] = {"refine": case_refine, "abinit": case_abinit, "search-cost": case_search_cost}[case](args, args.work)
+        results[case] = CASES[case](args, args.work)
         print(f"{case}: {time.perf_counter() - t0:.0f} s", flush=True)
     print_table(results)
     args.out.write_text(json.dumps(results, indent=2, default=float))
@@ -243,6 +383,22 @@ def print_table(results: dict) -> None:
         print(f"\nabinit: rotation error median {rot['median']:.1f} / p90 {rot['p90']:.1f} deg (flipped={a['poses']['flipped']}), "
               f"shift median {sh['median']:.2f} px, FSC AUC {f['auc']:.3f}, FSC=0.5 at {f['fsc05_px']:.2f} px; "
               f"s/epoch {', '.join(f'{s:.0f}' for s in a['seconds_per_epoch'])}")
+    if "versus-cryodrgn" in results:
+        print("\n| tool | rotation error median / p90 (deg) | shift error median (px) | FSC AUC | FSC=0.5 (px) | s per epoch |")
+        print("|---|---|---|---|---|---|")
+        for tool, v in results["versus-cryodrgn"].items():
+            rot, sh, f = v["poses"]["rotation_deg"], v["poses"]["shift_px"], v["fsc"]
+            print(f"| {tool} | {rot['median']:.1f} / {rot['p90']:.1f} | {sh['median']:.2f} | {f['auc']:.3f} | "
+                  f"{f['fsc05_px']:.2f} | {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])} |")
+    if "hinge" in results:
+        print("\n| hinge | rotation error median / p90 (deg) | PC1 abs Spearman | per-image FSC AUC (mismatched) | s per epoch |")
+        print("|---|---|---|---|---|")
+        for label, v in results["hinge"].items():
+            rot = v.get("poses", {}).get("rotation_deg")
+            rot = f"{rot['median']:.1f} / {rot['p90']:.1f}" if rot else "(true)"
+            f = v["fsc_auc"]
+            print(f"| {label} | {rot} | {v['latent']['pc1_abs_spearman_c']:.3f} | {f['matched']['median']:.3f} "
+                  f"({f['mismatched']['median']:.3f}) | {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])} |")
     if "search-cost" in results:
         print("\n| D | zdim | keep | base rotations | images per batch | s per batch | images/s |")
         print("|---|---|---|---|---|---|---|")

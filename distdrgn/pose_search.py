@@ -21,9 +21,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from distdrgn.lattice import Lattice, translate_ht
+from distdrgn.model import canonicalize
 from distdrgn.so3_grid import subdivide_rotations, subdivide_shifts
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -280,5 +282,70 @@ def decoder_predictor(
         B, M = rots.shape[:2]
         zz = None if z is None else z.repeat_interleave(M, 0)
         return _slices(rots.reshape(B * M, 3, 3), zz).view(B, M, K)
+
+    return predict
+
+
+def volume_predictor(
+    decoder, coords: torch.Tensor, radius: float, D: int, z: torch.Tensor | None, oversample: int = 2,
+    max_points: int = 1 << 18,
+) -> Predictor:
+    """The ``predict`` of :func:`search_poses` from decoded volumes: the decoder is evaluated
+    once per volume on a grid ``oversample`` times finer than the lattice, within ``radius``
+    (+ 1.5 lattice steps), and every candidate slice is read from it by trilinear
+    interpolation. A search reads ~10^4 slices per image, so this replaces millions of decoder
+    evaluations per image by one small ball of them; twofold oversampling keeps the
+    interpolation error well below the noise (RELION pads by 2 for the same reason).
+
+    z None: one volume shared by all images (zdim = 0); z (B, zdim): one volume per image, at its
+    own z. The Fourier domain is evaluated on half the ball only and the other half filled from
+    ``H(-k) = real + imag`` (the grid is symmetric about 0, so -k of flat index i is
+    ``G^3 - 1 - i``). Gradient refinement later uses the decoder itself.
+
+    coords (K, 3) subset coordinates (cycles/pixel). ``predict(rots)``: (M, 3, 3) -> (M, K)
+    (z None only) or (B, M, 3, 3) -> (B, M, K); float32, no gradients.
+    """
+    n = int(np.ceil((radius + 1) * oversample))
+    device = coords.device
+    axis = torch.arange(-n, n + 1, device=device, dtype=torch.float32) / (oversample * D)
+    gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    grid = torch.stack([gx, gy, gz], -1).reshape(-1, 3)  # (G^3, 3) x fastest: volume[z, y, x]
+    inside = grid.norm(dim=1) * D <= radius + 1.5
+    fourier = decoder.domain == "fourier"
+    if fourier:
+        inside &= ~canonicalize(grid)[1]  # the canonical half; its mirror is filled below
+    inside = torch.nonzero(inside).squeeze(1)
+    n_vol = 1 if z is None else z.shape[0]
+    values = torch.zeros(n_vol, grid.shape[0], device=device)
+    with torch.no_grad():
+        for v in range(n_vol):
+            zv = None if z is None else z[v : v + 1]
+            for s in range(0, len(inside), max_points):
+                part = inside[s : s + max_points]
+                if fourier:
+                    pos, neg = decoder.hartley_pairs(grid[part][None], zv)
+                    # mirror first: the origin is its own mirror and takes H(0) = real - imag
+                    values[v, grid.shape[0] - 1 - part] = neg[0].float()
+                    values[v, part] = pos[0].float()
+                else:
+                    values[v, part] = decoder.hartley(grid[part][None], zv)[0].float()
+    G = 2 * n + 1
+    volumes = values.view(n_vol, 1, G, G, G)
+    scale = oversample * D / n  # cycles/pixel -> grid_sample's [-1, 1] (align_corners: +-1 are the end points)
+    K = coords.shape[0]
+
+    @torch.no_grad()
+    def predict(rots: torch.Tensor) -> torch.Tensor:
+        lead = rots.shape[:-2]
+        if z is None:  # every rotation reads the one volume
+            pts = (coords.float() @ rots.float().reshape(-1, 3, 3)) * scale  # (M', K, 3), (x, y, z)
+            grid_pts = pts.view(1, -1, 1, 1, 3)
+        else:
+            if rots.dim() != 4 or rots.shape[0] != n_vol:
+                raise ValueError(f"per-image volumes need rotations (B={n_vol}, M, 3, 3), got {tuple(rots.shape)}")
+            pts = (coords.float() @ rots.float().reshape(n_vol, -1, 1, 3, 3)) * scale  # (B, M, K, 3)
+            grid_pts = pts.view(n_vol, -1, 1, 1, 3)
+        out = torch.nn.functional.grid_sample(volumes, grid_pts, mode="bilinear", align_corners=True)
+        return out.view(*lead, K)
 
     return predict

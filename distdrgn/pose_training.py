@@ -19,7 +19,7 @@ from distdrgn.config import AbinitConfig, Config
 from distdrgn.errors import DistdrgnError
 from distdrgn.model import CryoDRGN
 from distdrgn.objective import Batch, Preprocess, _on_device, prepare_targets
-from distdrgn.pose_search import decoder_predictor, radius_subset, search_poses
+from distdrgn.pose_search import radius_subset, search_poses, volume_predictor
 from distdrgn.pose_table import PoseTable
 from distdrgn.so3_grid import base_rotations, grid_spacing, shift_grid
 
@@ -52,41 +52,6 @@ def search_radius(cfg: AbinitConfig, epoch: int, D: int) -> float:
     span = max(cfg.search_epochs - 1, 1)
     frac = min(max(epoch - 1, 0) / span, 1.0)
     return min(cfg.radius_start + frac * (cfg.radius_end - cfg.radius_start), D / 2)
-
-
-def volume_predictor(decoder, coords: torch.Tensor, radius: float, D: int, oversample: int = 2):
-    """The ``predict`` of :func:`~distdrgn.pose_search.search_poses` for a homogeneous model
-    from one decoded volume: the decoder is evaluated once on a grid ``oversample`` times
-    finer than the lattice, within ``radius`` (+ one lattice step), and every candidate slice
-    is read from it by trilinear interpolation. The slices of a search are ~100 per image, so
-    this replaces millions of decoder evaluations per batch by one small volume; twofold
-    oversampling keeps the interpolation error well below the noise (RELION pads by 2 for
-    the same reason). Gradient refinement later uses the decoder itself.
-
-    coords (K, 3) subset coordinates (cycles/pixel); ``predict(rots)``: (M, 3, 3) -> (M, K)
-    or (B, M, 3, 3) -> (B, M, K).
-    """
-    n = int(np.ceil((radius + 1) * oversample))
-    axis = torch.arange(-n, n + 1, device=coords.device, dtype=torch.float32) / (oversample * D)
-    gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
-    grid = torch.stack([gx, gy, gz], -1).reshape(-1, 3)  # (G^3, 3) x fastest: volume[z, y, x]
-    inside = torch.nonzero(grid.norm(dim=1) * D <= radius + 1.5).squeeze(1)
-    values = torch.zeros(grid.shape[0], device=coords.device)
-    with torch.no_grad():
-        for s in range(0, len(inside), 1 << 18):
-            part = inside[s : s + (1 << 18)]
-            values[part] = decoder.hartley(grid[part][None], None)[0].float()
-    volume = values.view(1, 1, 2 * n + 1, 2 * n + 1, 2 * n + 1)
-    scale = oversample * D / n  # cycles/pixel -> grid_sample's [-1, 1] (align_corners: +-1 are the end points)
-
-    @torch.no_grad()
-    def predict(rots: torch.Tensor) -> torch.Tensor:
-        lead = rots.shape[:-2]
-        pts = (coords.float() @ rots.float().reshape(-1, 3, 3)) * scale  # (M', K, 3), (x, y, z)
-        out = torch.nn.functional.grid_sample(volume, pts[None, :, :, None, :], mode="bilinear", align_corners=True)
-        return out.view(*lead, coords.shape[0])
-
-    return predict
 
 
 def sample_candidates(errors: torch.Tensor, n_points: int) -> torch.Tensor:
@@ -132,14 +97,12 @@ class ModelPoseSearch:
         with torch.autocast(batch.images.device.type, enabled=False):
             targets = prepare_targets(unshifted, self.prep, lattice)
             z = model.encode(targets.y_enc)[0] if model.zdim else None
-            idx, n_half = radius_subset(lattice, self.radius)
+            idx, _ = radius_subset(lattice, self.radius)
             idx = idx.to(targets.y.device)
             freqs = _on_device("freqs", lattice.D, targets.y.device, torch.float32)[idx]
             coords = model.slice_coords[idx]
-            if model.zdim:  # one volume per image: the decoder at each candidate's points
-                predict = decoder_predictor(model.decoder, coords, n_half, z, max_points=1 << 21)
-            else:
-                predict = volume_predictor(model.decoder, coords, self.radius, lattice.D)
+            # one decoded volume (zdim 0) or one per image at its z; candidates read from them
+            predict = volume_predictor(model.decoder, coords, self.radius, lattice.D, z)
             found = search_poses(predict, targets.y[:, idx], None if targets.ctf is None else targets.ctf[:, idx],
                                  freqs, base_rots=self.base_rots, base_spacing=self.base_spacing,
                                  base_shifts=self.base_shifts, shift_step=self.cfg.shift_step_px,

@@ -13,7 +13,7 @@ radius that grows from ``abinit.radius_start`` to ``abinit.radius_end``); afterw
 are refined by gradient (``abinit.refine``, at ``model.pose_lr_rot`` / ``model.pose_lr_trans``).
 ``model.zdim=0`` reconstructs one homogeneous map; zdim > 0 a heterogeneous model whose z
 comes from the encoder. The poses are per-particle state owned by the rank that trains the
-particle (:mod:`distdrgn.pose_table`); each epoch writes ``poses.N.pkl`` (cryoDRGN layout)
+particle (:mod:`distdrgn.particle_table`); each epoch writes ``poses.N.pkl`` (cryoDRGN layout)
 next to ``weights.N.pkl`` and ``z.N.pkl``.
 """
 

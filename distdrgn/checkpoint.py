@@ -148,12 +148,14 @@ def load_weights(path: Path, map_location="cpu") -> dict[str, Any]:
     return ckpt
 
 
-def save_z(path: Path, z_mu: np.ndarray, z_logvar: np.ndarray) -> None:
-    """cryoDRGN ``z.pkl``: pickle of z_mu then pickle of z_logvar, each (N, zdim) float32."""
+def save_z(path: Path, z_mu: np.ndarray, z_logvar: np.ndarray | None) -> None:
+    """cryoDRGN ``z.pkl``: pickle of z_mu then pickle of z_logvar, each (N, zdim) float32;
+    z_mu alone when there is no posterior variance (an autodecoder's z, as cryoDRGN-AI writes)."""
 
     def write(fh):
         pickle.dump(np.asarray(z_mu, dtype=np.float32), fh)
-        pickle.dump(np.asarray(z_logvar, dtype=np.float32), fh)
+        if z_logvar is not None:
+            pickle.dump(np.asarray(z_logvar, dtype=np.float32), fh)
 
     _atomic_write(path, write)
 

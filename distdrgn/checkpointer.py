@@ -84,16 +84,17 @@ class Checkpointer:
     """Saves ``weights.N.pkl`` / ``z.N.pkl`` every ``every_epochs`` epochs (and after the
     last), and ``checkpoints/step.E.C.pkl`` every ``every_steps`` steps (0 = never) and when
     a stop is requested. ``contents``: what every checkpoint holds besides the engine's state
-    (model_info, preprocess, config, store, subset). With a pose table (abinit, pose
-    refinement) every checkpoint also points to the table's state (``pose_state/``), and each
-    epoch checkpoint writes ``poses.N.pkl`` of the ``pose_rows`` (the trained particles)."""
+    (model_info, preprocess, config, store, subset). With a per-particle table (abinit, pose
+    refinement, autodecoder) every checkpoint also points to the table's state
+    (``pose_state/``), and each epoch checkpoint of learned poses writes ``poses.N.pkl`` of the
+    ``rows`` (the trained particles)."""
 
     def __init__(self, out_dir: Path, rt: Runtime, engine, contents: dict, *, every_epochs: int, every_steps: int,
-                 metrics=None, poses=None, pose_rows: np.ndarray | None = None):
+                 metrics=None, table=None, rows: np.ndarray | None = None):
         self.out_dir, self.rt, self.engine, self.contents = Path(out_dir), rt, engine, contents
         self.every_epochs, self.every_steps, self.metrics = every_epochs, every_steps, metrics
-        self.poses, self.pose_rows = poses, pose_rows
-        self._recent_states: list[str] = []  # pose-state folders of the newest checkpoints
+        self.table, self.rows = table, rows
+        self._recent_states: list[str] = []  # table-state folders of the newest checkpoints
 
     def epoch_due(self, epoch: int, last: bool) -> bool:
         return last or epoch % self.every_epochs == 0
@@ -110,23 +111,23 @@ class Checkpointer:
             return None
         return {**states, **self.contents, **({"pose_state": pose_state} if pose_state else {})}
 
-    def exchange_poses(self, epoch: int) -> dict | None:
-        """End of every epoch: the pose table's rows go to disk and back, so that each rank
-        holds the rows the others changed (:meth:`PoseTable.exchange`). Every rank calls."""
-        if self.poses is None:
+    def exchange_table(self, epoch: int) -> dict | None:
+        """End of every epoch: the per-particle table's rows go to disk and back, so that each
+        rank holds the rows the others changed (:meth:`ParticleTable.exchange`). Every rank calls."""
+        if self.table is None:
             return None
-        return self.poses.exchange(self.out_dir, f"epoch.{epoch}", self.rt.rank, self.rt.world_size, self.rt.barrier)
+        return self.table.exchange(self.out_dir, f"epoch.{epoch}", self.rt.rank, self.rt.world_size, self.rt.barrier)
 
     def save_epoch(self, epoch: int, zs: tuple[np.ndarray, np.ndarray] | None, final: bool,
                    pose_state: dict | None = None) -> None:
         """weights.N.pkl (+ z.N.pkl, poses.N.pkl); with ``final`` also weights.pkl / z.pkl /
-        poses.pkl. ``pose_state``: what :meth:`exchange_poses` returned. Every rank calls."""
+        poses.pkl. ``pose_state``: what :meth:`exchange_table` returned. Every rank calls."""
         payload = self._payload(pose_state)
         if self.rt.is_main:
-            if pose_state is not None:
-                from distdrgn.pose_table import write_poses_pkl
+            if pose_state is not None and self.table.poses_learned:
+                from distdrgn.particle_table import write_poses_pkl
 
-                write_poses_pkl(self.out_dir / f"poses.{epoch}.pkl", *self.poses.poses(self.pose_rows))
+                write_poses_pkl(self.out_dir / f"poses.{epoch}.pkl", *self.table.poses(self.rows))
             save_weights(self.out_dir / f"weights.{epoch}.pkl", {"epoch": epoch, **payload})
             if zs is not None:
                 save_z(self.out_dir / f"z.{epoch}.pkl", *zs)
@@ -150,8 +151,8 @@ class Checkpointer:
         if self.rt.distributed:
             dist.all_reduce(totals)
         pose_state = None
-        if self.poses is not None:  # every rank writes its rows before rank 0 writes the checkpoint
-            pose_state = self.poses.save(self.out_dir, f"step.{epoch}.{consumed}", self.rt.rank, self.rt.world_size,
+        if self.table is not None:  # every rank writes its rows before rank 0 writes the checkpoint
+            pose_state = self.table.save(self.out_dir, f"step.{epoch}.{consumed}", self.rt.rank, self.rt.world_size,
                                          self.rt.barrier)
         payload = self._payload(pose_state)
         if self.rt.is_main:
@@ -167,7 +168,7 @@ class Checkpointer:
         if pose_state is None:
             return
         from distdrgn.checkpoint import KEEP_STEP_CHECKPOINTS
-        from distdrgn.pose_table import prune_states
+        from distdrgn.particle_table import prune_states
 
         self._recent_states = [s for s in self._recent_states if s != pose_state["folder"]] + [pose_state["folder"]]
         self._recent_states = self._recent_states[-(KEEP_STEP_CHECKPOINTS + 2):]

@@ -26,7 +26,7 @@ from distdrgn.kernels import KERNEL_CHOICES  # the decoder paths are defined onc
 
 PE_TYPES = ("gaussian", "geom_ft", "geom_full", "geom_lowf", "geom_nohighf", "linear_lowf", "none")
 DOMAINS = ("fourier", "hartley")
-ENCODERS = ("resid", "mlp")
+ENCODERS = ("resid", "mlp", "autodecoder")
 ENGINES = ("ddp", "deepspeed")
 AMP_MODES = ("auto", "true", "false")
 
@@ -52,7 +52,7 @@ class OutputConfig:
 @dataclass
 class ModelConfig:
     zdim: int = 8  # latent dimension; 0 = homogeneous reconstruction (no encoder)
-    encoder: str = "resid"  # resid | mlp
+    encoder: str = "resid"  # resid | mlp | autodecoder (a learned z per particle, no image encoder)
     enc_dim: int = 1024
     enc_layers: int = 3  # hidden H -> H layers after the input layer (cryoDRGN --enc-layers)
     dec_dim: int = 1024
@@ -66,6 +66,8 @@ class ModelConfig:
     pose_lr_rot: float = 0.01  # pose refinement: Adam step of each particle's rotation, radians per epoch
     pose_lr_trans: float = 0.2  # pose refinement: Adam step of each particle's shift, pixels per epoch
     pose_warmup_epochs: int = 1  # pose refinement starts after this many epochs on the fixed poses
+    z_lr: float = 0.05  # autodecoder: Adam step of each particle's z per epoch
+    z_init_std: float = 0.1  # autodecoder: the z table starts as N(0, z_init_std^2) draws
 
 
 @dataclass
@@ -221,6 +223,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.model.pose_lr_rot > 0 and cfg.model.pose_lr_trans >= 0,
          "model.pose_lr_rot must be > 0 and model.pose_lr_trans >= 0"),
         (cfg.model.pose_warmup_epochs >= 0, "model.pose_warmup_epochs must be >= 0"),
+        (cfg.model.encoder != "autodecoder" or cfg.model.zdim > 0,
+         "model.encoder=autodecoder learns a z per particle: it needs model.zdim > 0"),
+        (cfg.model.encoder != "autodecoder" or cfg.train.engine == "ddp",
+         "model.encoder=autodecoder runs with train.engine=ddp (its z table is updated outside the DeepSpeed engine)"),
+        (cfg.model.z_lr > 0 and cfg.model.z_init_std >= 0, "model.z_lr must be > 0 and model.z_init_std >= 0"),
         (cfg.abinit.search_epochs >= 1, "abinit.search_epochs must be >= 1"),
         (cfg.abinit.base_rotations >= 1 and cfg.abinit.keep >= 1 and cfg.abinit.levels >= 0,
          "abinit.base_rotations and abinit.keep must be >= 1, abinit.levels >= 0"),

@@ -43,6 +43,9 @@ def encode_segment(
     device = torch.device(device)
     if model.zdim == 0:
         raise DistdrgnError("the model is homogeneous (zdim = 0): there are no latents to encode")
+    if model.encoder is None:
+        raise DistdrgnError("the model has no image encoder (model.encoder=autodecoder): each trained particle's z "
+                            "is its row of the run's z.pkl, and images it was not trained on have none")
     if store.D != prep.D:
         raise DistdrgnError(f"{store.path}: images are {store.D} px but the model was trained at {prep.D} px (choose the store level)")
     _, batches = encoding_batches(store, meta or Metadata.from_store(store), rank=rank, world_size=world_size,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from distdrgn.config import ModelConfig
+from distdrgn.errors import DistdrgnError
 from distdrgn.lattice import Lattice, rotate_coords
 from distdrgn.objective import slice_mse
 
@@ -315,7 +316,8 @@ class ModelInfo:
 
 
 class CryoDRGN(nn.Module):
-    """Encoder (absent when zdim = 0) + decoder on the lattice of box D."""
+    """Encoder (absent when zdim = 0, and for an autodecoder, whose z are per-particle rows of
+    :class:`distdrgn.particle_table.ParticleTable`) + decoder on the lattice of box D."""
 
     def __init__(self, info: ModelInfo):
         super().__init__()
@@ -327,7 +329,7 @@ class CryoDRGN(nn.Module):
             torch.manual_seed(info.seed)
             self.encoder = (
                 Encoder(self.lattice.n_masked, info.enc_dim, info.enc_hidden, info.zdim, info.encoder == "resid")
-                if info.zdim > 0
+                if info.zdim > 0 and info.encoder != "autodecoder"
                 else None
             )
             pe = PositionalEncoding(info.pe_type, info.pe_dim, info.D, info.feat_sigma, seed=info.seed)
@@ -351,13 +353,16 @@ class CryoDRGN(nn.Module):
         """(z, mu, logvar); all None when zdim = 0. ``sample``: z = mu + exp(logvar / 2) * eps."""
         if not self.zdim:
             return None, None, None
+        if self.encoder is None:
+            raise DistdrgnError("this model has no image encoder (model.encoder=autodecoder): its z are the "
+                                "particles' rows of the run's z.pkl, not computed from images")
         mu, logvar = self.encode(y_enc)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return z, mu, logvar
 
     def forward(
         self, rots: torch.Tensor, y_enc: torch.Tensor | None, sample: bool = True, *,
-        y: torch.Tensor, ctf: torch.Tensor | None = None,
+        y: torch.Tensor, ctf: torch.Tensor | None = None, z: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The training path: (per-image MSE (B,) float32, z_mu, z_logvar).
 
@@ -365,10 +370,11 @@ class CryoDRGN(nn.Module):
         values ``y`` and the CTF (each (B, n_masked); ctf None = no CTF). The MSE is
         :func:`~distdrgn.objective.slice_mse` of the predicted slices, through the decoder path
         ``self.kernels``. z_mu and z_logvar are (B, zdim), or None when zdim = 0. ``sample``
-        draws z = mu + exp(logvar / 2) * eps (training); otherwise z = mu. Called through the
-        DDP / DeepSpeed wrapper, so that their hooks see it.
+        draws z = mu + exp(logvar / 2) * eps (training); otherwise z = mu. ``z`` (B, zdim): an
+        autodecoder's rows, used as they are (no encoder, no KL: mu and logvar are None).
+        Called through the DDP / DeepSpeed wrapper, so that their hooks see it.
         """
-        z, mu, logvar = self._latent(y_enc, sample)
+        z, mu, logvar = (z, None, None) if z is not None else self._latent(y_enc, sample)
         if self.kernels == "fused":
             act_dtype = torch.get_autocast_dtype(rots.device.type) if torch.is_autocast_enabled(rots.device.type) \
                 else torch.float32

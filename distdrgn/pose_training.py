@@ -2,7 +2,7 @@
 learnable corrections (``model.pose_refine=true``), or the hierarchical search
 (``distdrgn abinit``), which later hands over to gradient refinement.
 
-:func:`build_poses` makes the :class:`~distdrgn.pose_table.PoseTable` of a run (None for fixed
+:func:`build_particle_table` makes the :class:`~distdrgn.particle_table.ParticleTable` of a run (None for fixed
 poses), :class:`ModelPoseSearch` binds the search of :mod:`distdrgn.pose_search` to the model
 being trained, and :func:`pose_phase` is the policy of which epochs search and which refine.
 """
@@ -20,7 +20,7 @@ from distdrgn.errors import DistdrgnError
 from distdrgn.model import CryoDRGN
 from distdrgn.objective import Batch, Preprocess, _on_device, prepare_targets
 from distdrgn.pose_search import radius_subset, search_poses, volume_predictor
-from distdrgn.pose_table import PoseTable
+from distdrgn.particle_table import ParticleTable
 from distdrgn.so3_grid import base_rotations, grid_spacing, shift_grid
 
 log = logging.getLogger("distdrgn.train")
@@ -74,8 +74,9 @@ class ModelPoseSearch:
     """A batch's poses by the hierarchical search against the model as it is now.
 
     Images are compared untranslated (each candidate shift moves the observation, as the
-    loss does); z, for a heterogeneous model, is the encoder's mean of the untranslated
-    image. Returns rotations (B, 3, 3) and shifts (B, 2) in fractions of the box.
+    loss does); z, for a heterogeneous model, is the autodecoder's row (``z``, (B, zdim)) or
+    else the encoder's mean of the untranslated image. Returns rotations (B, 3, 3) and shifts
+    (B, 2) in fractions of the box.
     """
 
     def __init__(self, model: CryoDRGN, prep: Preprocess, cfg: AbinitConfig, device):
@@ -91,12 +92,13 @@ class ModelPoseSearch:
         self.radius = search_radius(self.cfg, epoch, self.model.lattice.D)
 
     @torch.no_grad()
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: Batch, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         model, lattice = self.model, self.model.lattice
         unshifted = Batch(batch.indices, batch.images, None, None, batch.ctf)
         with torch.autocast(batch.images.device.type, enabled=False):
             targets = prepare_targets(unshifted, self.prep, lattice)
-            z = model.encode(targets.y_enc)[0] if model.zdim else None
+            if model.zdim and z is None:
+                z = model.encode(targets.y_enc)[0]
             idx, _ = radius_subset(lattice, self.radius)
             idx = idx.to(targets.y.device)
             freqs = _on_device("freqs", lattice.D, targets.y.device, torch.float32)[idx]
@@ -114,39 +116,44 @@ class ModelPoseSearch:
         return found.kept_rots[rows, pick].float(), found.kept_shifts_px[rows, pick].float() / lattice.D
 
 
-def build_poses(cfg: Config, source: str, store, model: CryoDRGN, prep: Preprocess, device, ckpt: dict | None,
-                out_dir: Path) -> PoseTable | None:
-    """The run's pose table (None for ``store`` poses): the store's poses to refine, or
-    identities for the search to replace; the checkpoint's state when resuming."""
+def build_particle_table(cfg: Config, source: str, store, model: CryoDRGN, prep: Preprocess, device,
+                         ckpt: dict | None, out_dir: Path) -> ParticleTable | None:
+    """The run's per-particle table (None for fixed ``store`` poses and an encoder): the
+    store's poses to refine or to hold fixed beside an autodecoder's z, or identities for the
+    search to replace; the checkpoint's state when resuming."""
     theirs = ckpt.get("pose_source", "store") if ckpt else source
-    if theirs != source or (ckpt and source != "store" and "pose_state" not in ckpt):
+    autodecoder = cfg.model.encoder == "autodecoder"
+    if theirs != source or (ckpt and (source != "store" or autodecoder) and "pose_state" not in ckpt):
         raise DistdrgnError(f"{out_dir}: the run was started with poses from the {POSE_NAMES[theirs]}, this command "
                             f"takes them from the {POSE_NAMES[source]}; use a new output.dir")
-    if source == "store":
+    if source == "store" and not autodecoder:
         return None
     n = store.n
-    if source == "refine":
-        if store.poses is None:
-            raise DistdrgnError(f"{store.path}: model.pose_refine=true refines the store's poses, but the store has "
-                                "none; ingest with --poses, or find poses with `distdrgn abinit`")
-        rots, trans = store.poses
-        rots = torch.from_numpy(np.asarray(rots, np.float32))
-        trans = torch.zeros(n, 2) if trans is None else torch.from_numpy(np.asarray(trans, np.float32))
-        searcher = None
-    else:
+    searcher = None
+    if source == "search":
         if cfg.train.engine == "deepspeed":  # its bf16 / ZeRO-3 parameters are not the module's to read directly
             raise DistdrgnError("distdrgn abinit runs with train.engine=ddp (the pose search reads the decoder's "
                                 "parameters, which DeepSpeed may hold in bf16 or partitioned)")
         rots, trans = torch.eye(3).expand(n, 3, 3).clone(), torch.zeros(n, 2)
         searcher = ModelPoseSearch(model, prep, cfg.abinit, device)
-    table = PoseTable(rots, trans, store.D, device, lr_rot=cfg.model.pose_lr_rot, lr_trans=cfg.model.pose_lr_trans,
-                      searcher=searcher)
+    else:
+        if store.poses is None:
+            what = "model.pose_refine=true refines" if source == "refine" else "training reads"
+            raise DistdrgnError(f"{store.path}: {what} the store's poses, but the store has none; ingest with "
+                                "--poses, or find poses with `distdrgn abinit`")
+        rots, trans = store.poses
+        rots = torch.from_numpy(np.asarray(rots, np.float32))
+        trans = torch.zeros(n, 2) if trans is None else torch.from_numpy(np.asarray(trans, np.float32))
+    table = ParticleTable(rots, trans, store.D, device, lr_rot=cfg.model.pose_lr_rot, lr_trans=cfg.model.pose_lr_trans,
+                          searcher=searcher, poses_learned=source != "store",
+                          zdim=cfg.model.zdim if autodecoder else 0, lr_z=cfg.model.z_lr,
+                          z_init_std=cfg.model.z_init_std, seed=cfg.train.seed)
     if ckpt:
         table.load(out_dir, ckpt["pose_state"])
     return table
 
 
-def start_epoch(table: PoseTable | None, cfg: Config, source: str, epoch: int) -> None:
+def start_epoch(table: ParticleTable | None, cfg: Config, source: str, epoch: int) -> None:
     """Set the table's phase for ``epoch`` and log it."""
     if table is None:
         return

@@ -46,8 +46,8 @@ from distdrgn.objective import (Batch, Preprocess, hartley_std, loss_terms, pars
                                 within)
 from distdrgn.output_paths import nearest_existing
 from distdrgn.preemption import StopRequest
-from distdrgn.pose_table import PoseTable
-from distdrgn.pose_training import build_poses, pose_source, start_epoch
+from distdrgn.particle_table import ParticleTable
+from distdrgn.pose_training import build_particle_table, pose_source, start_epoch
 from distdrgn.progress import EpochProgress, LossTable, setup_logging
 from distdrgn.runtime import Runtime, close_process_group, init_runtime
 
@@ -143,7 +143,7 @@ def load_initial_weights(model: CryoDRGN, path: Path) -> None:
     from distdrgn import cryodrgn_run
 
     if cryodrgn_run.is_cryodrgn_run(path):
-        theirs_model = cryodrgn_run.load_cryodrgn_run(path, need_encoder=model.zdim > 0).model
+        theirs_model = cryodrgn_run.load_cryodrgn_run(path, need_encoder=model.encoder is not None).model
         theirs, state = theirs_model.info, theirs_model.state_dict()
     else:
         ckpt = load_weights(path)
@@ -174,9 +174,11 @@ def build_training_model(cfg: Config, rt: Runtime, info: ModelInfo, ckpt: dict |
     if ckpt:
         engine.load_state_dict(ckpt)
     log.info("engine: %s%s", engine.name, f" (ZeRO stage {cfg.train.zero_stage})" if engine.name == "deepspeed" else "")
-    log.info("model: zdim=%d, encoder %s %dx%d, decoder %dx%d, pe %s (pe_dim %d), domain %s; %d parameters",
-             info.zdim, info.encoder, info.enc_layers, info.enc_dim, info.dec_layers, info.dec_dim, info.pe_type,
-             info.pe_dim, info.domain, sum(p.numel() for p in model.parameters()))
+    encoder = (f"z table (autodecoder, {info.zdim} per particle)" if info.encoder == "autodecoder"
+               else f"{info.encoder} {info.enc_layers}x{info.enc_dim}")
+    log.info("model: zdim=%d, encoder %s, decoder %dx%d, pe %s (pe_dim %d), domain %s; %d parameters",
+             info.zdim, encoder, info.dec_layers, info.dec_dim, info.pe_type, info.pe_dim, info.domain,
+             sum(p.numel() for p in model.parameters()))
     return model, engine
 
 
@@ -192,29 +194,31 @@ def seed_step(seed: int, epoch: int, consumed: int, rank: int) -> None:
 
 
 def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: float, weight: float, rt: Runtime,
-               poses: PoseTable | None = None):
+               table: ParticleTable | None = None):
     """Forward, backward and (unless a loss or gradient is non-finite on any rank) the optimizer step.
 
     Returns (loss terms, nonfinite): a 0-d float32 tensor on the device, 1.0 when the step
     was skipped; every rank takes the same decision. Nothing here waits for the device
-    (with the DDP engine), so the caller reads the flag a step later. ``poses``: the run's
-    pose table (abinit, pose refinement), which gives the batch its poses and, when refining,
+    (with the DDP engine), so the caller reads the flag a step later. ``table``: the run's
+    per-particle table (abinit, pose refinement, autodecoder), which gives the batch its poses
+    (and z) and, when they are learned,
     takes its own step from the same backward.
     """
-    if poses is not None:  # searched now (abinit), or learnable corrections of the table's poses
-        batch = poses.batch(batch)
+    z = None  # an autodecoder's rows; otherwise the encoder's
+    if table is not None:  # searched now (abinit), or learnable corrections of the table's poses
+        batch, z = table.batch(batch)
     targets = prepare_targets(batch, prep, lattice)
-    if poses is not None and poses.loss_weight is not None:  # frequency marching: fit what the search compares
-        targets = within(targets, poses.loss_weight)
+    if table is not None and table.loss_weight is not None:  # frequency marching: fit what the search compares
+        targets = within(targets, table.loss_weight)
     with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
-        mse, mu, logvar = engine(batch.rots, targets.y_enc, sample=True, y=targets.y, ctf=targets.ctf)
+        mse, mu, logvar = engine(batch.rots, targets.y_enc, sample=True, y=targets.y, ctf=targets.ctf, z=z)
     terms = loss_terms(mse, mu, logvar, beta, lattice.n_masked, weight)
     engine.zero_grad()
     engine.backward(terms.loss)
     nonfinite = nonfinite_on_any_rank(terms.loss, engine.module, rt)
     engine.step_unless(nonfinite)
-    if poses is not None:
-        poses.step_unless(nonfinite)
+    if table is not None:
+        table.step_unless(nonfinite)
     return terms, nonfinite
 
 
@@ -327,7 +331,7 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest, source: str = "sto
              store.path, store.n, store.D, store.n_chunks, store.chunk_images, rt.world_size, rt.device,
              rt.amp_dtype, prep.ht_std, norm_source)
     model, engine = build_training_model(cfg, rt, info, ckpt)
-    poses = build_poses(cfg, source, store, model, prep, rt.device, ckpt, out_dir)
+    table = build_particle_table(cfg, source, store, model, prep, rt.device, ckpt, out_dir)
     if ckpt:
         log.info("resumed from %s: continuing at epoch %d, image %d of %d", ckpt_path.relative_to(out_dir),
                  position.epoch, position.consumed, n_train)
@@ -345,21 +349,22 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest, source: str = "sto
                 "store": {"path": str(store.path), "n": store.n, "D": store.D, "apix": store.apix},
                 "subset": None if keep is None else {"path": str(cfg.data.ind), "n": len(keep)}, "pose_source": source}
     checkpointer = Checkpointer(out_dir, rt, engine, contents, every_epochs=cfg.train.checkpoint_every,
-                                every_steps=cfg.train.checkpoint_every_steps, metrics=metrics, poses=poses,
-                                pose_rows=keep)
+                                every_steps=cfg.train.checkpoint_every_steps, metrics=metrics, table=table,
+                                rows=keep)
     guard = NonfiniteGuard(rt, cfg.train.max_nonfinite_steps, metrics)
     debug = DebugHooks(cfg.debug, rank=rt.rank, world_size=rt.world_size, resume=(position.epoch, position.consumed))
     beta_at = parse_beta(cfg.train.beta, info.zdim)
 
     def step(batch: Batch, beta: float, weight: float):
-        return train_step(engine, batch, prep, model.lattice, beta, weight, rt, poses)
+        return train_step(engine, batch, prep, model.lattice, beta, weight, rt, table)
 
     if cfg.train.cuda_graphs:  # capture the sync-free step once, replay it (the ragged last batch runs eagerly)
         from distdrgn.cuda_graphs import GraphedStep, check_cuda_graphs
 
-        if poses is not None:  # the search and the per-particle updates index the table by the batch's ids
-            raise DistdrgnError("train.cuda_graphs=true does not capture a step with per-particle poses "
-                                "(abinit, model.pose_refine=true); set train.cuda_graphs=false")
+        if table is not None:  # the search and the per-particle updates index the table by the batch's ids
+            raise DistdrgnError("train.cuda_graphs=true does not capture a step with per-particle state "
+                                "(abinit, model.pose_refine=true, model.encoder=autodecoder); "
+                                "set train.cuda_graphs=false")
         check_cuda_graphs(rt.device, cfg.train.engine, rt.world_size)
         step = GraphedStep(step, cfg.train.batch_size, rt.device, engine.optimizer)
     model.train()
@@ -373,7 +378,7 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest, source: str = "sto
                 checkpointer.finish(position.epoch - 1)
         for epoch in range(position.epoch, cfg.train.epochs + 1):  # numbered from 1, as in cryoDRGN
             carried = position if epoch == position.epoch else DataPosition(epoch)
-            start_epoch(poses, cfg, source, epoch)
+            start_epoch(table, cfg, source, epoch)
             batches = training_batches(store, meta, seed=cfg.train.seed, epoch=epoch,
                                        shuffle_chunks=cfg.train.shuffle_chunks, start=carried.consumed, rank=rt.rank,
                                        world_size=rt.world_size, batch_size=cfg.train.batch_size, device=rt.device,
@@ -388,12 +393,14 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest, source: str = "sto
             if rt.is_main:
                 log_epoch(losses, epoch, cfg.train.epochs, sums, seconds, beta_at(epoch - 1), rt.world_size)
             last = epoch == cfg.train.epochs
-            pose_state = checkpointer.exchange_poses(epoch)  # every epoch: the next one's owners need the rows
-            if poses is not None:  # encode with the poses as trained (the encoder sees translated images)
-                meta = Metadata(*poses.poses(), meta.ctf)
+            pose_state = checkpointer.exchange_table(epoch)  # every epoch: the next one's owners need the rows
+            if table is not None:  # encode with the poses as trained (the encoder sees translated images)
+                meta = Metadata(*table.poses(), meta.ctf)
             if checkpointer.epoch_due(epoch, last):
                 zs = None
-                if info.zdim:
+                if table is not None and table.zdim:  # the autodecoder's rows (every rank has them all)
+                    zs = (table.latents(keep), None)  # a point per particle: no posterior variance
+                elif info.zdim:
                     mu, logvar = encode_segment(model, prep, store, batch_size=max(64, cfg.train.batch_size),
                                                 rank=rt.rank, world_size=rt.world_size, device=rt.device,
                                                 amp_dtype=rt.amp_dtype, num_workers=cfg.train.num_workers,
@@ -403,7 +410,7 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest, source: str = "sto
                 if rt.is_main:
                     losses.plot()
                     log.info("epoch %d: wrote weights.%d.pkl%s%s", epoch, epoch, f", z.{epoch}.pkl" if zs else "",
-                             f", poses.{epoch}.pkl" if poses is not None else "")
+                             f", poses.{epoch}.pkl" if table is not None and table.poses_learned else "")
     finally:
         debug.close()
         if metrics:

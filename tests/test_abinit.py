@@ -1,6 +1,7 @@
 """``distdrgn abinit`` and ``train model.pose_refine=true`` from the CLI: the search finds the
 poses, refinement moves perturbed poses toward the truth, the found poses go back out through
-``store export``, and two processes under torchrun survive a killed worker exactly.
+``store export``, and two processes under torchrun survive a killed worker exactly (refined poses
+and an autodecoder's z rows both).
 
 Data: a noise-free homogeneous simulation at D = 24 (256 images), ingested three times: with
 the true poses, with poses perturbed by 5 degrees and 1 pixel (rms), and without poses.
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from distdrgn.analysis.latent import load_z
 from distdrgn.cli import main as cli
 from distdrgn.formats.poses import load_poses
 from distdrgn.so3_grid import angle_between, so3_exp
@@ -150,9 +152,11 @@ def trace_heads(trace: Path) -> list[dict]:
     return heads
 
 
-def test_pose_refinement_under_torchrun_resumes_exactly_after_a_killed_worker(data, tmp_path):
+def test_pose_refinement_and_an_autodecoder_under_torchrun_resume_exactly_after_a_killed_worker(data, tmp_path):
+    # both kinds of per-particle state at once: refined poses and an autodecoder's z rows
     settings = {"data.store": data["perturbed"], "train.epochs": 3, "model.pose_refine": True,
-                "model.pose_warmup_epochs": 1, "train.checkpoint_every_steps": 2, "train.num_workers": 0}
+                "model.pose_warmup_epochs": 1, "train.checkpoint_every_steps": 2, "train.num_workers": 0,
+                "model.zdim": 2, "model.encoder": "autodecoder"}
     plain = tmp_path / "plain"
     proc = torchrun(args(**settings, **{"output.dir": plain}), tmp_path / "plain.log")
     assert proc.wait(timeout=300) == 0, (tmp_path / "plain.log").read_text()[-3000:]
@@ -180,6 +184,8 @@ def test_pose_refinement_under_torchrun_resumes_exactly_after_a_killed_worker(da
         a, b = load_poses(plain / name), load_poses(killed / name)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(load_z(plain / "z.pkl"), load_z(killed / "z.pkl"))
+    assert not np.array_equal(load_z(plain / "z.1.pkl"), load_z(plain / "z.pkl"))  # the z rows were trained
     wa = torch.load(plain / "weights.pkl", weights_only=False)["model_state_dict"]
     wb = torch.load(killed / "weights.pkl", weights_only=False)["model_state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

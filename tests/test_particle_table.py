@@ -1,5 +1,5 @@
-"""The per-particle pose table: one Adam step per row from the corrections' gradients, skipped
-steps, and the sharded state on disk read back whatever the number of ranks."""
+"""The per-particle table: one Adam step per row from the corrections' (and an autodecoder's z)
+gradients, skipped steps, and the sharded state on disk read back whatever the number of ranks."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import torch
 from distdrgn.errors import DistdrgnError
 from distdrgn.lattice import random_rotations
 from distdrgn.objective import Batch
-from distdrgn.pose_table import PoseTable, prune_states, write_poses_pkl
+from distdrgn.particle_table import ParticleTable, prune_states, write_poses_pkl
 from distdrgn.so3_grid import angle_between, so3_exp
 
 D = 32
 
 
-def table(n=10, seed=0, **kw) -> PoseTable:
+def table(n=10, seed=0, **kw) -> ParticleTable:
     g = torch.Generator().manual_seed(seed)
     rots = random_rotations(n, g).float()
     trans = (torch.rand(n, 2, generator=g) - 0.5) * 0.1
-    return PoseTable(rots, trans, D, "cpu", lr_rot=kw.get("lr_rot", 0.01), lr_trans=kw.get("lr_trans", 0.1),
-                     searcher=kw.get("searcher"))
+    return ParticleTable(rots, trans, D, "cpu", lr_rot=kw.get("lr_rot", 0.01), lr_trans=kw.get("lr_trans", 0.1),
+                         searcher=kw.get("searcher"), zdim=kw.get("zdim", 0), lr_z=kw.get("lr_z", 0.05), seed=seed)
 
 
 def batch_of(rows) -> Batch:
@@ -35,7 +35,7 @@ def test_refinement_moves_each_row_downhill_by_about_lr_and_leaves_the_others():
     target_t = t.trans[[2, 5]] + torch.tensor([[1.0, -1.0], [0.5, 0.5]]) / D
     before_rots, before_trans = t.rots.clone(), t.trans.clone()
     t.refining = True
-    b = t.batch(batch_of([2, 5]))
+    b, _ = t.batch(batch_of([2, 5]))
     loss = ((b.rots - target) ** 2).sum() + ((b.trans - target_t) ** 2).sum()
     loss.backward()
     t.step_unless(torch.tensor(0.0))
@@ -57,7 +57,7 @@ def test_a_skipped_step_changes_nothing():
     t = table()
     before = [x.clone() for x in (t.rots, t.trans, t.m, t.v, t.count)]
     t.refining = True
-    b = t.batch(batch_of([1, 3]))
+    b, _ = t.batch(batch_of([1, 3]))
     (b.rots.sum() + b.trans.sum()).backward()
     t.step_unless(torch.tensor(1.0))
     for old, new in zip(before, (t.rots, t.trans, t.m, t.v, t.count)):
@@ -66,11 +66,11 @@ def test_a_skipped_step_changes_nothing():
 
 def test_searched_poses_replace_the_rows_and_restart_their_optimizer():
     found = random_rotations(2, torch.Generator().manual_seed(7)).float()
-    t = table(searcher=lambda b: (found, torch.full((2, 2), 0.01)))
+    t = table(searcher=lambda b, z: (found, torch.full((2, 2), 0.01)))
     t.m[4] = 1.0
     t.count[4] = 3
     t.searching = True
-    b = t.batch(batch_of([4, 8]))
+    b, _ = t.batch(batch_of([4, 8]))
     assert torch.equal(b.rots, found) and torch.equal(t.rots[[4, 8]], found)
     assert t.count[4] == 0 and torch.all(t.m[4] == 0)
     assert t.changed[[4, 8]].all() and t.changed.sum() == 2
@@ -120,3 +120,56 @@ def test_poses_pkl_is_cryodrgns_layout(tmp_path):
     rots, trans = load_poses(tmp_path / "poses.pkl")
     np.testing.assert_array_equal(rots, t.rots[[0, 3, 4]].numpy())
     np.testing.assert_array_equal(trans, t.trans[[0, 3, 4]].numpy())
+
+
+def test_an_autodecoders_z_rows_step_downhill_with_the_poses_fixed():
+    t = table(zdim=3, lr_z=0.05)
+    assert t.z.shape == (10, 3) and 0.02 < float(t.z.std()) < 0.3  # N(0, 0.1^2) draws
+    assert torch.equal(t.z, table(zdim=3).z) and not torch.equal(t.z, table(zdim=3, seed=1).z)  # seeded
+    z0, rots0 = t.z.clone(), t.rots.clone()
+    b, z = t.batch(batch_of([1, 6]))
+    assert z.requires_grad and b.rots.requires_grad is False  # not refining: the poses are data
+    target = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    ((z - target) ** 2).sum().backward()
+    t.step_unless(torch.tensor(0.0))
+    moved = t.z[[1, 6]] - z0[[1, 6]]
+    assert torch.allclose(moved.abs(), torch.full_like(moved, 0.05), rtol=1e-3)  # Adam's first step: lr
+    assert (torch.sign(moved) == torch.sign(target - z0[[1, 6]])).all()
+    others = [i for i in range(10) if i not in (1, 6)]
+    assert torch.equal(t.z[others], z0[others]) and torch.equal(t.rots, rots0)
+    assert torch.equal(t.changed, torch.isin(torch.arange(10), torch.tensor([1, 6])))
+    # a skipped step leaves z as it was
+    z1 = t.z.clone()
+    _, z = t.batch(batch_of([1]))
+    z.sum().backward()
+    t.step_unless(torch.tensor(1.0))
+    assert torch.equal(t.z, z1) and float(t.z_count[1]) == 1
+
+
+def test_the_search_sees_the_rows_z(tmp_path):
+    seen = {}
+
+    def searcher(b, z):
+        seen["z"] = z
+        return torch.eye(3).expand(len(b.indices), 3, 3), torch.zeros(len(b.indices), 2)
+
+    t = table(zdim=2, searcher=searcher)
+    t.searching = True
+    t.batch(batch_of([3, 7]))
+    assert torch.equal(seen["z"], t.z[[3, 7]]) and not seen["z"].requires_grad
+
+
+def test_z_rows_are_part_of_the_sharded_state(tmp_path):
+    rank0, rank1 = table(zdim=2), table(zdim=2)
+    rank1.z[[4, 5]] = torch.tensor([[9.0, 9.0], [8.0, 8.0]])
+    rank1.changed[[4, 5]] = True
+    refs = [t.save(tmp_path, "epoch.1", r, 2, barrier=lambda: None) for r, t in enumerate((rank0, rank1))]
+    back = table(zdim=2, seed=5)
+    back.load(tmp_path, refs[0])
+    expected = rank0.z.clone()
+    expected[[4, 5]] = rank1.z[[4, 5]]
+    assert torch.equal(back.z, expected) and np.array_equal(back.latents([4]), expected[[4]].numpy())
+    # an autodecoder cannot resume from a state without z: one clear error
+    ref = table(zdim=0).save(tmp_path, "epoch.2", 0, 1, barrier=lambda: None)
+    with pytest.raises(DistdrgnError, match="cannot be read"):
+        table(zdim=2).load(tmp_path, ref)

@@ -19,7 +19,7 @@ Cases:
   grid, 8 kept, 4 levels), frequency marching and decoder (2 x 64), each with its own batch
   sizes. The same pose-error and FSC measures for both, and seconds per epoch.
 - ``hinge``: the continuous hinge (``simulate --dist uniform``), heterogeneous (zdim
-  ``--hinge-zdim``): ab initio against fixed-pose training on the true poses, for the same
+  ``--hinge-zdim``, z from the encoder or ``--hinge-encoder autodecoder``): ab initio against fixed-pose training on the true poses, for the same
   epochs. Pose errors, PC1 |Spearman| of z against the true conformation and the per-image FSC
   AUC of volumes decoded at each image's z (as ``benchmarks/quality.py`` measures; the ab
   initio volumes rotated into the ground truth's frame first).
@@ -90,13 +90,29 @@ def rotate_volume(vol: np.ndarray, frame: np.ndarray) -> np.ndarray:
     return affine_transform(vol, matrix, offset=centre - matrix @ centre, order=1)
 
 
+def pairwise_angle_correlation(found: np.ndarray, true: np.ndarray, pairs: int = 5000) -> float:
+    """Pearson correlation of the angles between random pairs of poses, found against true: the
+    same whatever the global rotation (left or right), hand or R / R^T convention of either
+    set, so it says whether poses were found without assuming how a tool writes them (~0 for
+    random poses, 1 for exact ones)."""
+    rng = np.random.default_rng(0)
+    i, j = rng.integers(0, len(true), pairs), rng.integers(0, len(true), pairs)
+
+    def angles(R):
+        cos = (np.einsum("nki,nki->n", R[i].astype(np.float64), R[j].astype(np.float64)) - 1) / 2  # tr(Ri^T Rj)
+        return np.arccos(np.clip(cos, -1, 1))
+
+    return float(np.corrcoef(angles(found), angles(true))[0, 1])
+
+
 def pose_errors(found, true, D) -> dict:
     from distdrgn.pose_error import align_rotations, shift_errors, summary
 
     aligned = align_rotations(torch.from_numpy(found[0]).double(), torch.from_numpy(true[0]).double())
     shifts = shift_errors(torch.from_numpy(found[1]).double() * D, torch.from_numpy(true[1]).double() * D,
                           torch.from_numpy(found[0]).double())
-    return {"rotation_deg": summary(aligned.errors_deg), "shift_px": summary(shifts), "flipped": aligned.flipped,
+    return {"rotation_deg": summary(aligned.errors_deg), "shift_px": summary(shifts),
+            "pairwise_angle_corr": pairwise_angle_correlation(found[0], true[0]), "flipped": aligned.flipped,
             "side": aligned.side, "transform": aligned.transform.numpy()}
 
 
@@ -254,7 +270,8 @@ def case_hinge(args, root: Path) -> dict:
     for name, poses in (("true", paths["poses.pkl"]), ("none", None)):
         if not (base / name).exists():
             ingest(paths["particles.mrcs"], base / name, poses=poses, ctf=paths["ctf.pkl"], progress=False)
-    het = {"model.zdim": args.hinge_zdim, "model.enc_dim": 64, "model.enc_layers": 2,
+    het = {"model.zdim": args.hinge_zdim, "model.encoder": args.hinge_encoder, "model.enc_dim": 64,
+           "model.enc_layers": 2,
            "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
            "train.epochs": args.search_epochs + args.refine_epochs}
     idx = stratified_indices(gt.c, args.n_fsc)
@@ -267,7 +284,7 @@ def case_hinge(args, root: Path) -> dict:
                               "abinit.shift_step_px": 1, "abinit.radius_start": args.radius_start,
                               "abinit.radius_end": args.D * 5 // 12}),
     ):
-        run = base / label.split()[0]
+        run = base / (label.split()[0] + ("" if args.hinge_encoder == "resid" else f"_{args.hinge_encoder}"))
         if not (run / "weights.pkl").exists():
             run_cli([cmd, *overrides({**het, **extra, "output.dir": run})])
         z = load_z(run / "z.pkl")
@@ -343,6 +360,8 @@ def main() -> None:
     p.add_argument("--abinit-batch", type=int, default=8)
     p.add_argument("--abinit-lr", type=float, default=5e-4)
     p.add_argument("--hinge-zdim", type=int, default=8)
+    p.add_argument("--hinge-encoder", default="resid", choices=["resid", "autodecoder"],
+                   help="hinge: z from the encoder (amortised) or a per-particle table (model.encoder)")
     p.add_argument("--n-fsc", type=int, default=20, help="hinge: images whose decoded volume is compared")
     p.add_argument("--cryodrgn", type=Path, help="versus-cryodrgn: the cryodrgn executable (cryoDRGN 4.3.1)")
     p.add_argument("--cryodrgn-threads", type=int, default=1)
@@ -361,7 +380,7 @@ def main() -> None:
         results[case] = CASES[case](args, args.work)
         print(f"{case}: {time.perf_counter() - t0:.0f} s", flush=True)
     print_table(results)
-    args.out.write_text(json.dumps(results, indent=2, default=float))
+    args.out.write_text(json.dumps(results, indent=2, default=lambda o: str(o) if isinstance(o, Path) else float(o)))
     print(f"wrote {args.out}")
 
 
@@ -384,11 +403,13 @@ def print_table(results: dict) -> None:
               f"shift median {sh['median']:.2f} px, FSC AUC {f['auc']:.3f}, FSC=0.5 at {f['fsc05_px']:.2f} px; "
               f"s/epoch {', '.join(f'{s:.0f}' for s in a['seconds_per_epoch'])}")
     if "versus-cryodrgn" in results:
-        print("\n| tool | rotation error median / p90 (deg) | shift error median (px) | FSC AUC | FSC=0.5 (px) | s per epoch |")
-        print("|---|---|---|---|---|---|")
+        print("\n| tool | rotation error median / p90 (deg) | pairwise-angle corr. | shift error median (px) | FSC AUC | "
+              "FSC=0.5 (px) | s per epoch |")
+        print("|---|---|---|---|---|---|---|")
         for tool, v in results["versus-cryodrgn"].items():
             rot, sh, f = v["poses"]["rotation_deg"], v["poses"]["shift_px"], v["fsc"]
-            print(f"| {tool} | {rot['median']:.1f} / {rot['p90']:.1f} | {sh['median']:.2f} | {f['auc']:.3f} | "
+            print(f"| {tool} | {rot['median']:.1f} / {rot['p90']:.1f} | {v['poses']['pairwise_angle_corr']:.3f} | "
+                  f"{sh['median']:.2f} | {f['auc']:.3f} | "
                   f"{f['fsc05_px']:.2f} | {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])} |")
     if "hinge" in results:
         print("\n| hinge | rotation error median / p90 (deg) | PC1 abs Spearman | per-image FSC AUC (mismatched) | s per epoch |")

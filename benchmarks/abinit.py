@@ -274,23 +274,39 @@ def case_hinge(args, root: Path) -> dict:
            "model.enc_layers": 2,
            "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
            "train.epochs": args.search_epochs + args.refine_epochs}
+    search = {"abinit.search_epochs": args.search_epochs, "abinit.base_rotations": 1152, "abinit.keep": 8,
+              "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1, "abinit.radius_start": args.radius_start,
+              "abinit.radius_end": args.D * 5 // 12}
+    # two stages: a homogeneous ab initio for the poses, then heterogeneous training on them with
+    # pose refinement (the workflow of docs/poses.md for heterogeneous data without poses)
+    homogeneous = base / "homogeneous_abinit"
+    if not (homogeneous / "weights.pkl").exists():
+        run_cli(["abinit", *overrides({**search, "data.store": base / "none", "output.dir": homogeneous,
+                                       "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
+                                       "train.epochs": args.search_epochs + args.refine_epochs})])
+    if not (base / "found").exists():
+        ingest(paths["particles.mrcs"], base / "found", poses=homogeneous / "poses.pkl", ctf=paths["ctf.pkl"],
+               progress=False)
     idx = stratified_indices(gt.c, args.n_fsc)
     partner = mismatched_partners(len(idx), seed=1)
+    suffix = "" if args.hinge_encoder == "resid" else f"_{args.hinge_encoder}"
     out = {}
-    for label, cmd, extra in (
-        ("true poses (fixed)", "train", {"data.store": base / "true"}),
-        ("abinit", "abinit", {"data.store": base / "none", "abinit.search_epochs": args.search_epochs,
-                              "abinit.base_rotations": 1152, "abinit.keep": 8, "abinit.shift_extent_px": 4,
-                              "abinit.shift_step_px": 1, "abinit.radius_start": args.radius_start,
-                              "abinit.radius_end": args.D * 5 // 12}),
+    for label, name, cmd, extra in (
+        ("true poses (fixed)", "true", "train", {"data.store": base / "true"}),
+        ("abinit", "abinit", "abinit", {"data.store": base / "none", **search}),
+        ("abinit zdim 0, then train + pose_refine", "two_stage", "train",
+         {"data.store": base / "found", "model.pose_refine": True, "model.pose_warmup_epochs": 1}),
     ):
-        run = base / (label.split()[0] + ("" if args.hinge_encoder == "resid" else f"_{args.hinge_encoder}"))
+        run = base / (name + suffix)
         if not (run / "weights.pkl").exists():
             run_cli([cmd, *overrides({**het, **extra, "output.dir": run})])
         z = load_z(run / "z.pkl")
         row = {"latent": latent_metrics(z, gt), "seconds_per_epoch": epoch_seconds(run)}
+        if name == "two_stage":
+            row["seconds_per_epoch"] = epoch_seconds(homogeneous) + row["seconds_per_epoch"]
         frame = np.eye(3)
-        if cmd == "abinit":
+        found_poses = (run / "poses.pkl").exists()
+        if found_poses:
             errs = pose_errors(load_poses(run / "poses.pkl"), true, args.D)
             G = errs.pop("transform")
             frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
@@ -299,7 +315,7 @@ def case_hinge(args, root: Path) -> dict:
         with torch.no_grad():
             vols = [eval_volume(model, z[i], device="cpu") for i in idx]
         # the frame (or its inverse: which one the decoder's axes need) that fits the mean map best
-        if cmd == "abinit":
+        if found_poses:
             mean = np.mean(vols, axis=0)
             truth_mean = np.mean([gt.image_volume(int(i)) for i in idx], axis=0)
             frame = max((frame, frame.T), key=lambda m: fsc_summary(rotate_volume(mean, m), truth_mean)["auc"])

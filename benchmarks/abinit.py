@@ -23,6 +23,9 @@ Cases:
   epochs. Pose errors, PC1 |Spearman| of z against the true conformation and the per-image FSC
   AUC of volumes decoded at each image's z (as ``benchmarks/quality.py`` measures; the ab
   initio volumes rotated into the ground truth's frame first).
+- ``seeds``: ab initio from nothing on a small dataset (``--n``, every one of
+  ``--search-epochs`` a search epoch), once per ``--seeds``: the rotation error and pairwise-angle
+  correlation after each epoch.
 - ``search-cost``: seconds per batch of the pose search phase and images/s, against the box D
   and the number of candidates kept.
 Seconds per epoch come from each run's loss.csv (distdrgn) or run.log (cryoDRGN).
@@ -355,8 +358,44 @@ def case_search_cost(args, root: Path) -> list[dict]:
     return rows
 
 
+def case_seeds(args, root: Path) -> dict:
+    """Ab initio from nothing, once per ``--seeds`` (``train.seed``), every epoch a search epoch:
+    the rotation error and pairwise-angle correlation after each epoch, to see whether and when
+    the poses are found (a small dataset succeeds or not depending on the seed)."""
+    from distdrgn.formats.poses import load_poses
+    from distdrgn.simulate import simulate
+    from distdrgn.store import ingest
+
+    base = root / "seeds"
+    paths = simulate(base / "sim", n=args.n, D=args.D, snr=args.snr, dist="homogeneous", seed=0, progress=False,
+                     write_volumes=False, force=True)
+    store = base / "none"
+    if not store.exists():
+        ingest(paths["particles.mrcs"], store, poses=None, ctf=paths["ctf.pkl"], progress=False,
+               layout_overrides={"target_chunk_bytes": args.D * args.D * 4 * 64})
+    true = load_poses(paths["poses.pkl"])
+    out = {}
+    for seed in args.seeds:
+        run = base / f"seed{seed}_lr{args.abinit_lr:g}_e{args.search_epochs}"
+        if not (run / "weights.pkl").exists():
+            run_cli(["abinit", *overrides({"data.store": store, "output.dir": run, "train.seed": seed,
+                                           "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
+                                           "train.epochs": args.search_epochs,
+                                           "abinit.search_epochs": args.search_epochs, "abinit.base_rotations": 1152,
+                                           "abinit.keep": 8, "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1,
+                                           "abinit.radius_start": args.radius_start,
+                                           "abinit.radius_end": args.D * 5 // 12})])
+        rows = []
+        for epoch in range(1, args.search_epochs + 1):
+            errs = pose_errors(load_poses(run / f"poses.{epoch}.pkl"), true, args.D)
+            rows.append({"epoch": epoch, "rotation_deg": errs["rotation_deg"],
+                         "pairwise_angle_corr": errs["pairwise_angle_corr"]})
+        out[str(seed)] = rows
+    return out
+
+
 CASES = {"refine": case_refine, "abinit": case_abinit, "versus-cryodrgn": case_versus_cryodrgn,
-         "hinge": case_hinge, "search-cost": case_search_cost}
+         "hinge": case_hinge, "search-cost": case_search_cost, "seeds": case_seeds}
 
 
 def main() -> None:
@@ -375,6 +414,7 @@ def main() -> None:
     p.add_argument("--radius-start", type=float, default=6)
     p.add_argument("--abinit-batch", type=int, default=8)
     p.add_argument("--abinit-lr", type=float, default=5e-4)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds: the train.seed of each run")
     p.add_argument("--hinge-zdim", type=int, default=8)
     p.add_argument("--hinge-encoder", default="resid", choices=["resid", "autodecoder"],
                    help="hinge: z from the encoder (amortised) or a per-particle table (model.encoder)")
@@ -412,6 +452,13 @@ def print_table(results: dict) -> None:
             print(f"| {label} | {rot['median']:.2f} / {rot['p90']:.2f} | {sh['median']:.2f} | {f['auc']:.3f} | "
                   f"{f['fsc05_px']:.2f} | {v['seconds_per_epoch']:.1f} |")
         print(f"\nshare of the perturbed -> true FSC AUC gap closed by pose_refine: {r['gap_closed']:.0%}")
+    if "seeds" in results:
+        print("\n| train.seed | last epoch: rotation error median / p90 (deg), pairwise-angle corr | found by epoch (median < 10 deg) |")
+        print("|---|---|---|")
+        for seed, rows in results["seeds"].items():
+            last, found = rows[-1], [r["epoch"] for r in rows if r["rotation_deg"]["median"] < 10]
+            print(f"| {seed} | {last['rotation_deg']['median']:.1f} / {last['rotation_deg']['p90']:.1f}, "
+                  f"{last['pairwise_angle_corr']:.2f} | {found[0] if found else 'no'} |")
     if "abinit" in results:
         a = results["abinit"]
         rot, sh, f = a["poses"]["rotation_deg"], a["poses"]["shift_px"], a["fsc"]

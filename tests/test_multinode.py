@@ -206,7 +206,8 @@ def test_a_lost_node_comes_back_and_the_job_reforms_with_four(small_dataset, tin
     waiting in the rendezvous (``num_nodes_waiting() > 0``) and restarts its workers as a
     membership change (not counted against ``--max-restarts``): it sends them SIGTERM, so
     every rank stops at the same step and rank 0 writes a step checkpoint; then the four
-    agents meet in a new round and their workers resume from that checkpoint."""
+    agents meet in a new round and their workers resume from that checkpoint. An agent whose
+    worker stopped with the others before its own monitor loop looked restarts it as a failure."""
     run, trace, go = tmp_path / "run", tmp_path / "trace", tmp_path / "host4-back.go"
     with loopback_hosts(4) as hosts:
         port = free_port()
@@ -248,9 +249,13 @@ def test_a_lost_node_comes_back_and_the_job_reforms_with_four(small_dataset, tin
     # the three's workers were stopped by their agents (SIGTERM) and checkpointed where the four resume
     assert f"image {back['resume'][1]} of {store.n}); rerun the same command to resume" in log_text
     assert f"continuing at epoch {back['resume'][0]}, image {back['resume'][1]}" in log_text
-    # (at least: a worker that starts while rank 0 rewrites config.yaml can fail once, and
-    # torchrun restarts the round; see launch/README.md)
     assert log_text.count("4 process(es)") >= 2 and log_text.count("3 process(es)") >= 1, log_text
-    # each of the three agents saw the waiting node and restarted its workers for it
-    for log in logs[:3]:
-        assert "Detected 1 new nodes from group_rank=" in log.read_text(errors="replace"), tails([log])
+    # The three agents' monitor loops poll every 0.2 s. The first to see the waiting node SIGTERMs
+    # its worker, and the three ranks agree to stop at the next step; an agent whose worker has
+    # already exited that way (128 + 15) before its own poll restarts it as a failure (counted
+    # against --max-restarts) instead. Which agent takes which path is up to the scheduler; at
+    # least one saw the node, and every one of the three started its workers again.
+    texts = [log.read_text(errors="replace") for log in logs[:3]]
+    assert any("Detected 1 new nodes from group_rank=" in t for t in texts), tails(logs[:3])
+    for log, text in zip(logs[:3], texts):
+        assert text.count("Starting worker group") >= 3, tails([log])  # 4 nodes, 3 nodes, 4 nodes

@@ -178,7 +178,8 @@ def distdrgn_abinit(args, data: dict, run: Path, base_rotations: int) -> None:
                                    "train.epochs": args.search_epochs + args.refine_epochs,
                                    "abinit.search_epochs": args.search_epochs, "abinit.base_rotations": base_rotations,
                                    "abinit.keep": 8, "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1,
-                                   "abinit.radius_start": args.radius_start, "abinit.radius_end": args.D * 5 // 12})])
+                                   "abinit.radius_start": args.radius_start, "abinit.radius_end": args.D * 5 // 12,
+                                   "abinit.local_search": args.local_search})])
 
 
 def evaluate_abinit(poses, vol: np.ndarray, data: dict, D: int) -> dict:
@@ -197,7 +198,7 @@ def case_abinit(args, root: Path) -> dict:
     from distdrgn.formats.poses import load_poses
 
     data = simulate_stores(root / "abinit", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
-    run = root / "abinit" / "run"
+    run = root / "abinit" / ("run_local" if args.local_search else "run")
     distdrgn_abinit(args, data, run, base_rotations=1152)
     return {**evaluate_abinit(load_poses(run / "poses.pkl"), map_of(run), data, args.D),
             "seconds_per_epoch": epoch_seconds(run)}
@@ -225,7 +226,7 @@ def case_versus_cryodrgn(args, root: Path) -> dict:
     data = simulate_stores(root / "abinit", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
     epochs = args.search_epochs + args.refine_epochs
     out = {}
-    run = root / "abinit" / f"distdrgn_s{args.search_epochs}_e{epochs}"
+    run = root / "abinit" / f"distdrgn_s{args.search_epochs}_e{epochs}{'_local' if args.local_search else ''}"
     distdrgn_abinit(args, data, run, base_rotations=4608)
     out["distdrgn"] = {**evaluate_abinit(load_poses(run / "poses.pkl"), map_of(run), data, args.D),
                        "seconds_per_epoch": epoch_seconds(run)}
@@ -412,6 +413,9 @@ def main() -> None:
     p.add_argument("--search-epochs", type=int, default=6)
     p.add_argument("--refine-epochs", type=int, default=2)
     p.add_argument("--radius-start", type=float, default=6)
+    p.add_argument("--local-search", action="store_true",
+                   help="abinit, versus-cryodrgn: abinit.local_search=true (after the search epochs, a local "
+                        "re-search of every batch before the gradient refinement)")
     p.add_argument("--abinit-batch", type=int, default=8)
     p.add_argument("--abinit-lr", type=float, default=5e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds: the train.seed of each run")

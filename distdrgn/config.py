@@ -105,6 +105,8 @@ class AbinitConfig:
     levels: int = 4  # subdivisions of the kept candidates (each halves the rotation and shift steps)
     keep: int = 8  # (rotation, shift) candidates kept per image from one level to the next
     sample: bool = True  # train on a pose drawn from the kept candidates' posterior (false: the best one)
+    local_search: bool = False  # after the search epochs, re-search each batch's poses near their current values first
+    local_cell_deg: float = 8.0  # the local search's first cell: it reaches +-cell/2 per axis (and +-shift_step_px)
     shift_extent_px: float = 10.0  # the coarse shift grid covers [-extent, extent] pixels in x and y
     shift_step_px: float = 2.0  # step of the coarse shift grid, pixels
     radius_start: float = 12.0  # lattice radius (pixels of the box) the search compares within, first search epoch
@@ -234,6 +236,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.abinit.shift_extent_px >= 0 and cfg.abinit.shift_step_px > 0,
          "abinit.shift_extent_px must be >= 0 and abinit.shift_step_px > 0"),
         (0 < cfg.abinit.radius_start <= cfg.abinit.radius_end, "abinit needs 0 < radius_start <= radius_end"),
+        (not cfg.abinit.local_search or (cfg.abinit.levels >= 1 and cfg.abinit.local_cell_deg > 0),
+         "abinit.local_search needs abinit.levels >= 1 and abinit.local_cell_deg > 0"),
         (cfg.debug.step_delay_s >= 0, "debug.step_delay_s must be >= 0"),
         (cfg.data.level is None or (cfg.data.level >= 4 and cfg.data.level % 2 == 0), "data.level must be even and >= 4"),
         (0 < cfg.data.window_inner < cfg.data.window_outer, "data.window_inner must be in (0, data.window_outer)"),

@@ -70,15 +70,15 @@ class ParticleTable:
     Adam moments (n, 5) of all n particles of the store, on ``device``; with ``zdim`` > 0 also
     the autodecoder's z (n, zdim) and their moments.
 
-    ``searcher(batch, z) -> (rots (B, 3, 3), trans (B, 2))``: the pose search (z: the rows' z
-    (B, zdim), None without an autodecoder); while :attr:`searching`, each batch's poses are
+    ``searcher(batch, z, current) -> (rots (B, 3, 3), trans (B, 2))``: the pose search (z: the
+    rows' z (B, zdim), None without an autodecoder; current: the rows' rotations and shifts); while :attr:`searching`, each batch's poses are
     searched before its step (and the row's optimizer state restarts). While :attr:`refining`,
     the batch's poses carry learnable corrections. ``poses_learned``: the poses are the run's
     own (searched or refined), so each epoch writes them as ``poses.N.pkl``.
     """
 
     def __init__(self, rots: torch.Tensor, trans: torch.Tensor, D: int, device, *, lr_rot: float, lr_trans: float,
-                 searcher: Callable[[Batch, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 searcher: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
                  poses_learned: bool = True, zdim: int = 0, lr_z: float = 0.0, z_init_std: float = 0.1,
                  seed: int = 0):
         n = rots.shape[0]
@@ -120,7 +120,7 @@ class ParticleTable:
         rows = batch.indices.to(self.device)
         z = self.z[rows].clone().requires_grad_(True) if self.zdim else None
         if self.searching:
-            rots, trans = self.searcher(batch, None if z is None else z.detach())
+            rots, trans = self.searcher(batch, None if z is None else z.detach(), (self.rots[rows], self.trans[rows]))
             self.rots[rows], self.trans[rows] = rots.float(), trans.float()
             for state in (self.m, self.v, self.count):  # a new pose: its optimizer starts afresh
                 state[rows] = 0

@@ -227,8 +227,47 @@ def search_poses(
         best_err, best_idx = _merge_best(best_err, best_idx, err.reshape(B, -1), s * S0, keep)
     rots = base_rots[best_idx // S0]  # (B, keep, 3, 3)
     shifts = base_shifts[best_idx % S0]  # (B, keep, 2)
+    return _subdivide(predict, y, ctf, freqs, y2, rots, shifts, best_err, base_spacing, shift_step, levels, keep,
+                      max_elements)
 
-    spacing, sstep = base_spacing, shift_step
+
+def local_search(
+    predict: Predictor,
+    y: torch.Tensor,
+    ctf: torch.Tensor | None,
+    freqs: torch.Tensor,
+    *,
+    rots: torch.Tensor,
+    shifts_px: torch.Tensor,
+    cell: float,
+    shift_step: float,
+    levels: int,
+    keep: int,
+    max_elements: int = 2**26,
+) -> SearchResult:
+    """Best (rotation, shift) per image near a known pose: the levels of :func:`search_poses`
+    without its base grid, starting from each image's ``rots`` (B, 3, 3) and ``shifts_px`` (B, 2)
+    as the one candidate of a rotation cell of side ``cell`` radians and a shift step of
+    ``shift_step`` pixels. The children reach at most ``cell / 2`` (per rotation axis) and
+    ``shift_step`` pixels (per axis) from it after many levels; the pose itself is a child at
+    every level, so the result is never worse than it. ``predict`` as for per-image rotations
+    ((B, M, 3, 3) -> (B, M, K)); ``levels`` >= 1 and ``keep`` in [1, 81].
+    """
+    if levels < 1 or not 1 <= keep <= 81:
+        raise ValueError(f"a local search needs levels >= 1 and keep in [1, 81], got {levels} and {keep}")
+    rots = rots.to(y.device, torch.float64)[:, None]
+    shifts = shifts_px.to(y.device, torch.float64)[:, None]
+    ctf = None if ctf is None else ctf.to(y.dtype)
+    err = score_per_image(predict(rots).to(y.dtype), shifted_observations(y, freqs.to(y.device), shifts), ctf)
+    y2 = (y.double() ** 2).sum(-1)
+    return _subdivide(lambda r: predict(r).to(y.dtype), y, ctf, freqs.to(y.device), y2, rots, shifts,
+                      err.reshape(-1, 1), cell, shift_step, levels, keep, max_elements)
+
+
+def _subdivide(predict, y, ctf, freqs, y2, rots, shifts, best_err, spacing, sstep, levels, keep, max_elements):
+    """The levels after the first: subdivide the kept (B, k) rotations and shifts (cells of
+    ``spacing`` radians and ``sstep`` pixels) ``levels`` times, keeping the ``keep`` best of each."""
+    B, K = y.shape
     for _ in range(levels):
         child_rots = subdivide_rotations(rots, spacing)  # (B, 9 keep, 3, 3)
         child_shifts = subdivide_shifts(shifts, sstep)  # (B, 9 keep, 2)

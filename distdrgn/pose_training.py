@@ -19,7 +19,7 @@ from distdrgn.config import AbinitConfig, Config
 from distdrgn.errors import DistdrgnError
 from distdrgn.model import CryoDRGN
 from distdrgn.objective import Batch, Preprocess, _on_device, prepare_targets
-from distdrgn.pose_search import radius_subset, search_poses, volume_predictor
+from distdrgn.pose_search import local_search, radius_subset, search_poses, volume_predictor
 from distdrgn.particle_table import ParticleTable
 from distdrgn.so3_grid import base_rotations, grid_spacing, shift_grid
 
@@ -75,8 +75,10 @@ class ModelPoseSearch:
 
     Images are compared untranslated (each candidate shift moves the observation, as the
     loss does); z, for a heterogeneous model, is the autodecoder's row (``z``, (B, zdim)) or
-    else the encoder's mean of the untranslated image. Returns rotations (B, 3, 3) and shifts
-    (B, 2) in fractions of the box.
+    else the encoder's mean of the untranslated image. While :attr:`local`, the search starts
+    from ``current`` (the images' rotations (B, 3, 3) and shifts (B, 2) so far, fractions of
+    the box) instead of the base grid (:func:`~distdrgn.pose_search.local_search`) and returns
+    the best pose. Returns rotations (B, 3, 3) and shifts (B, 2) in fractions of the box.
     """
 
     def __init__(self, model: CryoDRGN, prep: Preprocess, cfg: AbinitConfig, device):
@@ -87,12 +89,14 @@ class ModelPoseSearch:
         # shifts beyond a quarter box are not shifts of a centred particle
         self.base_shifts = shift_grid(min(cfg.shift_extent_px, D / 4), cfg.shift_step_px).to(device, torch.float32)
         self.radius = min(cfg.radius_start, D / 2)
+        self.local = False  # set per epoch by start_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.radius = search_radius(self.cfg, epoch, self.model.lattice.D)
 
     @torch.no_grad()
-    def __call__(self, batch: Batch, z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: Batch, z: torch.Tensor | None = None,
+                 current: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         model, lattice = self.model, self.model.lattice
         unshifted = Batch(batch.indices, batch.images, None, None, batch.ctf)
         with torch.autocast(batch.images.device.type, enabled=False):
@@ -105,8 +109,15 @@ class ModelPoseSearch:
             coords = model.slice_coords[idx]
             # one decoded volume (zdim 0) or one per image at its z; candidates read from them
             predict = volume_predictor(model.decoder, coords, self.radius, lattice.D, z)
-            found = search_poses(predict, targets.y[:, idx], None if targets.ctf is None else targets.ctf[:, idx],
-                                 freqs, base_rots=self.base_rots, base_spacing=self.base_spacing,
+            ctf = None if targets.ctf is None else targets.ctf[:, idx]
+            if self.local:
+                if current is None:
+                    raise ValueError("a local search needs the images' current poses")
+                found = local_search(predict, targets.y[:, idx], ctf, freqs, rots=current[0],
+                                     shifts_px=current[1] * lattice.D, cell=np.radians(self.cfg.local_cell_deg),
+                                     shift_step=self.cfg.shift_step_px, levels=self.cfg.levels, keep=self.cfg.keep)
+                return found.rots.float(), found.shifts_px.float() / lattice.D
+            found = search_poses(predict, targets.y[:, idx], ctf, freqs, base_rots=self.base_rots, base_spacing=self.base_spacing,
                                  base_shifts=self.base_shifts, shift_step=self.cfg.shift_step_px,
                                  levels=self.cfg.levels, keep=self.cfg.keep, shared_base=not model.zdim)
         if not self.cfg.sample:
@@ -159,7 +170,16 @@ def start_epoch(table: ParticleTable | None, cfg: Config, source: str, epoch: in
         return
     table.searching, table.refining = pose_phase(cfg, source, epoch)
     table.loss_weight = None
-    if table.searching:
+    local = source == "search" and cfg.abinit.local_search and not table.searching
+    if table.searcher is not None:
+        table.searcher.local = local
+    if local:
+        table.searching = True  # each batch's poses are searched again, near where they are
+        table.searcher.set_epoch(epoch)
+        log.info("epoch %d: searching poses locally (a %.3g degree cell, %d levels, keep %d) within radius %.1f%s",
+                 epoch, cfg.abinit.local_cell_deg, cfg.abinit.levels, cfg.abinit.keep, table.searcher.radius,
+                 ", then refining them by gradient" if table.refining else "")
+    elif table.searching:
         searcher = table.searcher
         searcher.set_epoch(epoch)
         # the model fits only the frequencies the search compares: with wrong early poses the

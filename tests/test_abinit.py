@@ -77,17 +77,24 @@ def data(tmp_path_factory) -> dict:
 
 def test_abinit_finds_the_poses_against_a_map_and_exports_them(data, tmp_path, capsys):
     run = tmp_path / "run"
-    rc = cli(["abinit", *args(**{"data.store": data["no_poses"], "output.dir": run, "train.epochs": 2,
-                                 "train.load": data["map"], "abinit.search_epochs": 2, **SEARCH})])
+    rc = cli(["abinit", *args(**{"data.store": data["no_poses"], "output.dir": run, "train.epochs": 3,
+                                 "train.load": data["map"], "abinit.search_epochs": 2, "abinit.local_search": True,
+                                 "abinit.refine": False, **SEARCH})])
     assert rc == 0
-    rots, trans = load_poses(run / "poses.pkl")
-    assert rots.shape == (N, 3, 3) and (run / "poses.1.pkl").exists() and (run / "weights.2.pkl").exists()
-    rot_err, shift_err = rotation_errors_deg(rots, data["rots"]), shift_errors_px(trans, data["trans"])
+    searched = load_poses(run / "poses.2.pkl")
+    assert searched[0].shape == (N, 3, 3) and (run / "poses.1.pkl").exists() and (run / "weights.2.pkl").exists()
+    rot_err, shift_err = rotation_errors_deg(searched[0], data["rots"]), shift_errors_px(searched[1], data["trans"])
     # random poses are ~126 degrees off; against the map the search finds them to a few degrees
     assert np.median(rot_err) < 8 and np.percentile(rot_err, 90) < 30, np.percentile(rot_err, [50, 90])
     assert np.median(shift_err) < 0.5, np.median(shift_err)
     log = (run / "run.log").read_text()
     assert "searching poses (1152 rotations x 81 shifts, 4 levels, keep 8) within radius 10.0" in log
+    # epoch 3 searches again near each pose (abinit.local_search), in finer cells than the global search's last
+    assert "epoch 3: searching poses locally (a 8 degree cell, 4 levels, keep 8) within radius 10.0\n" in log
+    rots, trans = load_poses(run / "poses.pkl")
+    local_err = rotation_errors_deg(rots, data["rots"])
+    # measured: median 3.7 -> 3.2 degrees, p90 9.0 -> 7.2
+    assert np.median(local_err) < np.median(rot_err), (np.median(rot_err), np.median(local_err))
     # the found poses back out to RELION: the exported star parses to them
     from distdrgn.formats.poses import parse_poses
 

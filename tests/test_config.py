@@ -45,6 +45,7 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["train.beta=cyclic"], "train.beta must be"),
         ("", ["trainepochs=3"], "expected section.key=value|must be section.key"),
         ("", ["data.invert=yes please"], "'data.invert' must be bool"),
+        ("", ["abinit.local_search=true", "abinit.levels=0"], "abinit.local_search needs abinit.levels >= 1"),
         ("- a\n- b\n", [], "top level must be a mapping"),
     ],
 )

@@ -66,7 +66,7 @@ def test_a_skipped_step_changes_nothing():
 
 def test_searched_poses_replace_the_rows_and_restart_their_optimizer():
     found = random_rotations(2, torch.Generator().manual_seed(7)).float()
-    t = table(searcher=lambda b, z: (found, torch.full((2, 2), 0.01)))
+    t = table(searcher=lambda b, z, current: (found, torch.full((2, 2), 0.01)))
     t.m[4] = 1.0
     t.count[4] = 3
     t.searching = True
@@ -149,7 +149,7 @@ def test_an_autodecoders_z_rows_step_downhill_with_the_poses_fixed():
 def test_the_search_sees_the_rows_z(tmp_path):
     seen = {}
 
-    def searcher(b, z):
+    def searcher(b, z, current):
         seen["z"] = z
         return torch.eye(3).expand(len(b.indices), 3, 3), torch.zeros(len(b.indices), 2)
 

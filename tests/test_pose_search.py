@@ -18,6 +18,7 @@ from distdrgn.model import Decoder, PositionalEncoding
 from distdrgn.objective import Preprocess, masked_hartley
 from distdrgn.pose_search import (
     decoder_predictor,
+    local_search,
     radius_subset,
     score_per_image,
     score_shared,
@@ -25,7 +26,7 @@ from distdrgn.pose_search import (
     shifted_observations,
 )
 from distdrgn.simulate import SimulationParams, clean_images, draw_ctf
-from distdrgn.so3_grid import angle_between, base_rotations, grid_spacing, shift_grid
+from distdrgn.so3_grid import angle_between, base_rotations, grid_spacing, shift_grid, so3_exp
 
 D = 24
 RADIUS = 8
@@ -166,6 +167,27 @@ def test_search_with_noise_reaches_true_pose_basin(problem):
     y_t = translate_ht(y, p["freqs"], p["shifts"].float())
     at_truth = ((p["predict"](p["rots"].float()) * p["ctf"] - y_t) ** 2).sum(-1).double()
     assert (res.error <= at_truth * (1 + 1e-4)).float().mean() >= 0.85
+
+
+def test_local_search_recovers_perturbed_poses_and_never_worsens_them(problem):
+    p = problem
+    g = _gen(3)
+    start_rots = p["rots"] @ so3_exp(torch.randn(N_IMAGES, 3, generator=g, dtype=torch.float64) * np.radians(2.0))
+    start_shifts = p["shifts"] + torch.randn(N_IMAGES, 2, generator=g, dtype=torch.float64) * 0.5
+    start_err = torch.rad2deg(angle_between(start_rots, p["rots"]))
+    res = local_search(p["predict"], p["y"], p["ctf"], p["freqs"], rots=start_rots, shifts_px=start_shifts,
+                       cell=np.radians(10.0), shift_step=1.0, levels=5, keep=4)
+    rot_err = torch.rad2deg(angle_between(res.rots, p["rots"]))
+    shift_err = (res.shifts_px - p["shifts"]).norm(dim=1)
+    # measured: from a median of 2.6 deg and 0.5 px to 0.24 deg and 0.01 px
+    assert start_err.median() > 2.0 and rot_err.median() < 0.6, (start_err, rot_err)
+    assert shift_err.median() < 0.1, shift_err
+    y_t = translate_ht(p["y"], p["freqs"], start_shifts.float())
+    at_start = ((p["predict"](start_rots.float()) * p["ctf"] - y_t) ** 2).sum(-1).double()
+    assert (res.error <= at_start * (1 + 1e-5)).all()  # the start is a child at every level
+    with pytest.raises(ValueError):
+        local_search(p["predict"], p["y"], p["ctf"], p["freqs"], rots=start_rots, shifts_px=start_shifts,
+                     cell=0.1, shift_step=1.0, levels=0, keep=4)
 
 
 def test_per_image_base_and_chunking_give_the_same_poses(problem):

@@ -69,10 +69,11 @@ def epoch_seconds(run: Path) -> list[float]:
 
 
 def fsc_summary(vol: np.ndarray, truth: np.ndarray) -> dict:
+    from distdrgn.analysis.validation import fsc_auc
     from distdrgn.projection import fsc, fsc_resolution
 
     freqs, curve = fsc(vol, truth)
-    return {"auc": float(np.trapezoid(curve, freqs) / freqs[-1]), "fsc05_px": 1 / fsc_resolution(freqs, curve, 0.5),
+    return {"auc": fsc_auc(freqs, curve), "fsc05_px": 1 / fsc_resolution(freqs, curve, 0.5),
             "fsc0143_px": 1 / fsc_resolution(freqs, curve, 0.143)}
 
 

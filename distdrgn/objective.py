@@ -48,6 +48,11 @@ def _on_device(kind: str, D: int, device: torch.device, dtype: torch.dtype | Non
     return t.to(device) if dtype is None else t.to(device, dtype)
 
 
+def masked_freqs_on(D: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(n_masked, 2) frequencies (cycles/pixel) of the masked lattice points, cached on ``device``."""
+    return _on_device("freqs", D, device, dtype)
+
+
 def masked_hartley(images: torch.Tensor, prep: Preprocess, lattice: Lattice) -> torch.Tensor:
     """(B, D, D) real images -> (B, n_masked) normalised Hartley values, [half, mirror] order.
 
@@ -110,14 +115,14 @@ def within(targets: Targets, weight: torch.Tensor) -> Targets:
 def prepare_targets(batch: Batch, prep: Preprocess, lattice: Lattice) -> Targets:
     """Observed images of a batch -> translated Hartley values, CTF and encoder input."""
     y = masked_hartley(batch.images, prep, lattice)
-    freqs = _on_device("freqs", lattice.D, y.device, y.dtype)
+    freqs = masked_freqs_on(lattice.D, y.device, y.dtype)
     if batch.trans is not None:
         y = translate_ht(y, freqs, batch.trans.to(y.dtype) * prep.D)
     ctf = None
     y_enc = y
     if batch.ctf is not None:
         # float64 for the phase: at 3-5 um defocus the CTF argument is ~1e3 rad at Nyquist
-        ctf = ctf_for_images(batch.ctf.double(), _on_device("freqs", lattice.D, y.device, None), prep.D).to(y.dtype)
+        ctf = ctf_for_images(batch.ctf.double(), masked_freqs_on(lattice.D, y.device), prep.D).to(y.dtype)
         y_enc = y * torch.sign(ctf)
     return Targets(y=y, ctf=ctf, y_enc=y_enc)
 

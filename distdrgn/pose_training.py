@@ -18,7 +18,7 @@ import torch
 from distdrgn.config import AbinitConfig, Config
 from distdrgn.errors import DistdrgnError
 from distdrgn.model import CryoDRGN
-from distdrgn.objective import Batch, Preprocess, _on_device, prepare_targets
+from distdrgn.objective import Batch, Preprocess, masked_freqs_on, prepare_targets
 from distdrgn.pose_search import local_search, radius_subset, search_poses, volume_predictor
 from distdrgn.particle_table import ParticleTable
 from distdrgn.so3_grid import base_rotations, grid_spacing, shift_grid
@@ -105,7 +105,7 @@ class ModelPoseSearch:
                 z = model.encode(targets.y_enc)[0]
             idx, _ = radius_subset(lattice, self.radius)
             idx = idx.to(targets.y.device)
-            freqs = _on_device("freqs", lattice.D, targets.y.device, torch.float32)[idx]
+            freqs = masked_freqs_on(lattice.D, targets.y.device, torch.float32)[idx]
             coords = model.slice_coords[idx]
             # one decoded volume (zdim 0) or one per image at its z; candidates read from them
             predict = volume_predictor(model.decoder, coords, self.radius, lattice.D, z)

@@ -201,14 +201,17 @@ def test_pose_refinement_and_an_autodecoder_under_torchrun_resume_exactly_after_
 def test_abinit_under_torchrun_two_processes(data, tmp_path):
     run = tmp_path / "run"
     proc = torchrun(args(**{"data.store": data["no_poses"], "output.dir": run, "train.epochs": 2,
-                            "train.load": data["map"], "abinit.search_epochs": 1, **SEARCH}),
+                            "train.load": data["map"], "abinit.search_epochs": 1, "abinit.local_search": True,
+                            **SEARCH}),
                     tmp_path / "log", module="distdrgn.abinit")
     assert proc.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
     rots, trans = load_poses(run / "poses.pkl")
     rot_err = rotation_errors_deg(rots, data["rots"])
     # every particle's pose was found by one of the two ranks and gathered through pose_state/
     assert np.percentile(rot_err, 90) < 30 and np.median(rot_err) < 10, np.percentile(rot_err, [50, 90])
-    assert "refining poses by gradient" in (run / "run.log").read_text()
+    # epoch 2: each rank re-searches its own particles near their poses, then refines them
+    assert "searching poses locally (a 8 degree cell, 4 levels, keep 8) within radius 10.0, then refining them " \
+           "by gradient" in (run / "run.log").read_text()
 
 
 def test_heterogeneous_abinit_finds_the_poses_and_writes_latents(data, tmp_path):

@@ -343,9 +343,12 @@ def part_knn(device, S, state) -> dict:
 
 
 def part_search(device, S, state) -> dict:
-    """Images/s of the abinit pose search (4 levels, keep 8, radius D/4) with a default-width model:
-    zdim 0 reads slices from one decoded volume, zdim 8 decodes every candidate with its z."""
+    """Images/s of the abinit pose search (4 levels, keep 8, radius D/4) with a default-width model,
+    global (the base grid, then the levels) and local (``abinit.local_search``: the levels from
+    each image's pose): zdim 0 reads slices from one decoded volume per batch, zdim 8 from one per
+    image at its z."""
     from distdrgn.config import AbinitConfig, ModelConfig
+    from distdrgn.lattice import random_rotations
     from distdrgn.model import build_model
     from distdrgn.objective import Batch, Preprocess
     from distdrgn.pose_training import ModelPoseSearch
@@ -359,10 +362,17 @@ def part_search(device, S, state) -> dict:
         search(batch)  # warm-up
         with Timer(device) as t:
             search(batch)
+        current = (random_rotations(B, torch.Generator().manual_seed(0)).float().to(device), torch.zeros(B, 2, device=device))
+        search.local = True
+        search(batch, None, current)
+        with Timer(device) as t_local:
+            search(batch, None, current)
         rows.append({"D": D, "zdim": zdim, "base_rotations": n_rot, "images": B, "seconds": t.seconds,
-                     "images_per_s": B / t.seconds})
+                     "images_per_s": B / t.seconds, "local_seconds": t_local.seconds,
+                     "local_images_per_s": B / t_local.seconds})
         md.append(f"pose search D={D} zdim={zdim}, {n_rot} rotations x {len(search.base_shifts)} shifts, 4 levels, keep 8: "
-                  f"{B / t.seconds:.1f} images/s ({t.seconds:.3f} s per {B})")
+                  f"{B / t.seconds:.1f} images/s ({t.seconds:.3f} s per {B}); local search "
+                  f"{B / t_local.seconds:.1f} images/s")
     return {"rows": rows, "md": md}
 
 

@@ -10,7 +10,10 @@ the store: for the first ``abinit.search_epochs`` epochs every batch's poses com
 search over SO(3) x in-plane shifts against the model as it is (a coarse grid, then the best
 ``abinit.keep`` candidates subdivided ``abinit.levels`` times, compared within a lattice
 radius that grows from ``abinit.radius_start`` to ``abinit.radius_end``); afterwards they
-are refined by gradient (``abinit.refine``, at ``model.pose_lr_rot`` / ``model.pose_lr_trans``).
+are refined by gradient (``abinit.refine``, at ``model.pose_lr_rot`` / ``model.pose_lr_trans``)
+and/or searched again near where they are (``abinit.local_search``). ``abinit.attempts`` > 1
+first runs that many searches from different seeds and goes on from the best
+(:mod:`distdrgn.attempts`).
 ``model.zdim=0`` reconstructs one homogeneous map; zdim > 0 a heterogeneous model whose z
 comes from the encoder. The poses are per-particle state owned by the rank that trains the
 particle (:mod:`distdrgn.particle_table`); each epoch writes ``poses.N.pkl`` (cryoDRGN layout)

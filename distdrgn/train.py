@@ -286,7 +286,17 @@ def train(cfg: Config, search: bool = False) -> Path:
     rt = init_runtime(cfg.train.device, cfg.train.amp, cfg.train.engine)
     try:
         with StopRequest(rt.device, rt.distributed) as stop:
-            out_dir = run_training(cfg, rt, stop, pose_source(cfg, search))
+            source = pose_source(cfg, search)
+            if source == "search" and cfg.abinit.attempts > 1:  # several seeds; continue from the best
+                from distdrgn.attempts import run_attempts
+
+                def attempt(c: Config) -> Path:
+                    run_dir = run_training(c, rt, stop, source)
+                    rt.barrier()  # rank 0 has written its weights.pkl and loss.csv
+                    return run_dir
+
+                cfg = run_attempts(cfg, rt, attempt)
+            out_dir = run_training(cfg, rt, stop, source)
         rt.barrier()  # leave together: a gloo rank torn down while its peers still write can abort
     finally:
         close_process_group()  # DeepSpeed makes a group even for one process

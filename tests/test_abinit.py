@@ -108,6 +108,37 @@ def test_abinit_finds_the_poses_against_a_map_and_exports_them(data, tmp_path, c
     assert cli(["eval-vol", str(run), "-o", str(tmp_path / "vol")]) == 0
 
 
+def test_attempts_run_each_seed_and_the_run_continues_from_the_lowest_loss(data, tmp_path, capsys):
+    """``abinit.attempts=2``: two one-epoch searches (train.seed 5 and 6) in attempts/K, then
+    the run from the weights of the one whose loss is lower; the same command again resumes
+    (here: finds everything done)."""
+    from distdrgn.attempts import final_loss
+
+    run = tmp_path / "run"
+    command = ["abinit", *args(**{"data.store": data["no_poses"], "output.dir": run, "train.epochs": 2,
+                                  "train.seed": 5, "abinit.search_epochs": 1, "abinit.attempts": 2,
+                                  "abinit.attempt_epochs": 1, **SEARCH})]
+    assert cli(command) == 0
+    losses = [final_loss(run / "attempts" / str(k)) for k in (0, 1)]
+    assert losses[0] != losses[1]  # different seeds, different searches
+    best = int(np.argmin(losses))
+    chosen = json.loads((run / "attempts" / "chosen.json").read_text())
+    assert chosen["chosen"] == best and chosen["seeds"] == [5, 6] and chosen["losses"] == losses
+    for k in (0, 1):
+        assert (run / "attempts" / str(k) / "weights.pkl").exists() and (run / "attempts" / str(k) / "poses.1.pkl").exists()
+        assert f"seed: {5 + k}" in (run / "attempts" / str(k) / "config.yaml").read_text()
+    log = (run / "run.log").read_text()
+    assert f"continuing from attempt {best} (train.seed {5 + best})" in log
+    assert f"started from the weights of {run / 'attempts' / str(best) / 'weights.pkl'}" in log
+    assert (run / "poses.2.pkl").exists() and (run / "weights.pkl").exists()
+    # again: the attempts and the run are complete, nothing is trained twice
+    before = (run / "weights.pkl").read_bytes()
+    assert cli(command) == 0
+    assert (run / "weights.pkl").read_bytes() == before
+    assert (run / "run.log").read_text().count("nothing to do") == 1
+    assert "nothing to do" in (run / "attempts" / "0" / "run.log").read_text()
+
+
 def test_pose_refinement_moves_perturbed_poses_toward_the_truth(data, tmp_path):
     run = tmp_path / "run"
     rc = cli(["train", *args(**{"data.store": data["perturbed"], "output.dir": run, "train.epochs": 12,
@@ -202,7 +233,7 @@ def test_abinit_under_torchrun_two_processes(data, tmp_path):
     run = tmp_path / "run"
     proc = torchrun(args(**{"data.store": data["no_poses"], "output.dir": run, "train.epochs": 2,
                             "train.load": data["map"], "abinit.search_epochs": 1, "abinit.local_search": True,
-                            **SEARCH}),
+                            "abinit.attempts": 2, "abinit.attempt_epochs": 1, **SEARCH}),
                     tmp_path / "log", module="distdrgn.abinit")
     assert proc.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
     rots, trans = load_poses(run / "poses.pkl")
@@ -210,8 +241,13 @@ def test_abinit_under_torchrun_two_processes(data, tmp_path):
     # every particle's pose was found by one of the two ranks and gathered through pose_state/
     assert np.percentile(rot_err, 90) < 30 and np.median(rot_err) < 10, np.percentile(rot_err, [50, 90])
     # epoch 2: each rank re-searches its own particles near their poses, then refines them
+    log = (run / "run.log").read_text()
     assert "searching poses locally (a 8 degree cell, 4 levels, keep 8) within radius 10.0, then refining them " \
-           "by gradient" in (run / "run.log").read_text()
+           "by gradient" in log
+    # two attempts (both from the given map), each with 2 processes, then the run from the better one
+    chosen = json.loads((run / "attempts" / "chosen.json").read_text())
+    assert f"continuing from attempt {chosen['chosen']}" in log and "2 process(es)" in log
+    assert "2 process(es)" in (run / "attempts" / "1" / "run.log").read_text()
 
 
 def test_heterogeneous_abinit_finds_the_poses_and_writes_latents(data, tmp_path):

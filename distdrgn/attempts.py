@@ -16,7 +16,6 @@ again, and finished attempts are not run again.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from typing import Callable
 
 from distdrgn.config import Config
 from distdrgn.errors import DistdrgnError
-from distdrgn.progress import setup_logging
+from distdrgn.progress import LossTable, setup_logging
 
 log = logging.getLogger("distdrgn.train")
 
@@ -48,8 +47,7 @@ def attempt_config(cfg: Config, k: int) -> Config:
 
 def final_loss(run_dir: Path) -> float:
     """The training loss of the last epoch in ``run_dir/loss.csv`` (+inf when not finite)."""
-    with open(Path(run_dir) / "loss.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = LossTable(run_dir).rows()
     if not rows:
         raise DistdrgnError(f"{run_dir}/loss.csv: no epochs recorded")
     value = float(rows[-1]["loss"])
@@ -67,7 +65,7 @@ def run_attempts(cfg: Config, rt, run: Callable[[Config], Path]) -> Config:
     return the run's config, starting from the best attempt's weights."""
     out = Path(cfg.output.dir)
     dirs = [run(attempt_config(cfg, k)) for k in range(cfg.abinit.attempts)]
-    rt.barrier()  # every rank reads the same loss.csv files, written by rank 0
+    rt.barrier()  # rank 0 has written the last attempt's loss.csv; every rank reads the same files
     losses = [final_loss(d) for d in dirs]
     best = choose_attempt(losses)
     if rt.is_main:

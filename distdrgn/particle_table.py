@@ -71,10 +71,11 @@ class ParticleTable:
     the autodecoder's z (n, zdim) and their moments.
 
     ``searcher(batch, z, current) -> (rots (B, 3, 3), trans (B, 2))``: the pose search (z: the
-    rows' z (B, zdim), None without an autodecoder; current: the rows' rotations and shifts); while :attr:`searching`, each batch's poses are
-    searched before its step (and the row's optimizer state restarts). While :attr:`refining`,
-    the batch's poses carry learnable corrections. ``poses_learned``: the poses are the run's
-    own (searched or refined), so each epoch writes them as ``poses.N.pkl``.
+    rows' z (B, zdim), None without an autodecoder; current: the rows' rotations and shifts);
+    while :attr:`searching`, each batch's poses are searched before its step (and the row's
+    optimizer state restarts). While :attr:`refining`, the batch's poses carry learnable
+    corrections. ``poses_learned``: the poses are the run's own (searched or refined), so each
+    epoch writes them as ``poses.N.pkl``.
     """
 
     def __init__(self, rots: torch.Tensor, trans: torch.Tensor, D: int, device, *, lr_rot: float, lr_trans: float,

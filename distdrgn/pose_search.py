@@ -258,10 +258,15 @@ def local_search(
     rots = rots.to(y.device, torch.float64)[:, None]
     shifts = shifts_px.to(y.device, torch.float64)[:, None]
     ctf = None if ctf is None else ctf.to(y.dtype)
-    err = score_per_image(predict(rots).to(y.dtype), shifted_observations(y, freqs.to(y.device), shifts), ctf)
+    freqs = freqs.to(y.device)
+
+    def predict_in_y_dtype(r: torch.Tensor) -> torch.Tensor:
+        return predict(r).to(y.dtype)
+
+    err = score_per_image(predict_in_y_dtype(rots), shifted_observations(y, freqs, shifts), ctf)
     y2 = (y.double() ** 2).sum(-1)
-    return _subdivide(lambda r: predict(r).to(y.dtype), y, ctf, freqs.to(y.device), y2, rots, shifts,
-                      err.reshape(-1, 1), cell, shift_step, levels, keep, max_elements)
+    return _subdivide(predict_in_y_dtype, y, ctf, freqs, y2, rots, shifts, err.reshape(-1, 1), cell, shift_step,
+                      levels, keep, max_elements)
 
 
 def _subdivide(predict, y, ctf, freqs, y2, rots, shifts, best_err, spacing, sstep, levels, keep, max_elements):

@@ -117,7 +117,8 @@ class ModelPoseSearch:
                                      shifts_px=current[1] * lattice.D, cell=np.radians(self.cfg.local_cell_deg),
                                      shift_step=self.cfg.shift_step_px, levels=self.cfg.levels, keep=self.cfg.keep)
                 return found.rots.float(), found.shifts_px.float() / lattice.D
-            found = search_poses(predict, targets.y[:, idx], ctf, freqs, base_rots=self.base_rots, base_spacing=self.base_spacing,
+            found = search_poses(predict, targets.y[:, idx], ctf, freqs,
+                                 base_rots=self.base_rots, base_spacing=self.base_spacing,
                                  base_shifts=self.base_shifts, shift_step=self.cfg.shift_step_px,
                                  levels=self.cfg.levels, keep=self.cfg.keep, shared_base=not model.zdim)
         if not self.cfg.sample:

@@ -114,12 +114,18 @@ class LossTable:
                 w.writeheader()
             w.writerow(row)
 
+    def rows(self) -> list[dict[str, str]]:
+        """The rows written so far, as ``csv`` reads them (strings); [] before the first epoch."""
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
     def truncate(self, last_epoch: int) -> None:
         """Drop rows after ``last_epoch`` (left by an interrupted run) before resuming."""
         if not self.path.exists():
             return
-        with open(self.path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= last_epoch]
+        rows = [r for r in self.rows() if int(r["epoch"]) <= last_epoch]
         with open(self.path, "w", newline="") as fh:
             w = csv.DictWriter(fh, self.COLUMNS)
             w.writeheader()

@@ -290,12 +290,7 @@ def train(cfg: Config, search: bool = False) -> Path:
             if source == "search" and cfg.abinit.attempts > 1:  # several seeds; continue from the best
                 from distdrgn.attempts import run_attempts
 
-                def attempt(c: Config) -> Path:
-                    run_dir = run_training(c, rt, stop, source)
-                    rt.barrier()  # rank 0 has written its weights.pkl and loss.csv
-                    return run_dir
-
-                cfg = run_attempts(cfg, rt, attempt)
+                cfg = run_attempts(cfg, rt, lambda attempt: run_training(attempt, rt, stop, source))
             out_dir = run_training(cfg, rt, stop, source)
         rt.barrier()  # leave together: a gloo rank torn down while its peers still write can abort
     finally:

@@ -89,10 +89,12 @@ class ModelPoseSearch:
         # shifts beyond a quarter box are not shifts of a centred particle
         self.base_shifts = shift_grid(min(cfg.shift_extent_px, D / 4), cfg.shift_step_px).to(device, torch.float32)
         self.radius = min(cfg.radius_start, D / 2)
-        self.local = False  # set per epoch by start_epoch
+        self.local = False
 
     def set_epoch(self, epoch: int) -> None:
+        """The radius of ``epoch``'s search, and whether it is the local one (after the search epochs)."""
         self.radius = search_radius(self.cfg, epoch, self.model.lattice.D)
+        self.local = self.cfg.local_search and epoch > self.cfg.search_epochs
 
     @torch.no_grad()
     def __call__(self, batch: Batch, z: torch.Tensor | None = None,
@@ -172,8 +174,6 @@ def start_epoch(table: ParticleTable | None, cfg: Config, source: str, epoch: in
     table.searching, table.refining = pose_phase(cfg, source, epoch)
     table.loss_weight = None
     local = source == "search" and cfg.abinit.local_search and not table.searching
-    if table.searcher is not None:
-        table.searcher.local = local
     if local:
         table.searching = True  # each batch's poses are searched again, near where they are
         table.searcher.set_epoch(epoch)

@@ -24,8 +24,8 @@ Cases:
   AUC of volumes decoded at each image's z (as ``benchmarks/quality.py`` measures; the ab
   initio volumes rotated into the ground truth's frame first).
 - ``seeds``: ab initio from nothing on a small dataset (``--n``, every one of
-  ``--search-epochs`` a search epoch), once per ``--seeds``: the rotation error and pairwise-angle
-  correlation after each epoch.
+  ``--search-epochs`` a search epoch), once per ``--seeds`` and ``--support-weights``: the
+  rotation error and pairwise-angle correlation after each epoch.
 - ``search-cost``: seconds per batch of the pose search phase and images/s, against the box D
   and the number of candidates kept.
 Seconds per epoch come from each run's loss.csv (distdrgn) or run.log (cryoDRGN).
@@ -330,6 +330,23 @@ def case_hinge(args, root: Path) -> dict:
     return out
 
 
+def support_prior_seconds(model, D: int) -> float:
+    """Seconds of one training step's support prior (forward and backward) at radius D / 4,
+    the best of 3 after a warm-up."""
+    from distdrgn.support_prior import SupportPrior
+
+    prior = SupportPrior(1.0, D / 4, D, 0.38)
+    z = torch.zeros(1, model.zdim) if model.zdim else None
+    prior(model.decoder, z).backward()  # warm-up
+    seconds = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        prior(model.decoder, z).backward()
+        seconds.append(time.perf_counter() - t0)
+    model.zero_grad()
+    return min(seconds)
+
+
 def case_search_cost(args, root: Path) -> list[dict]:
     """The search on random images against an untrained model: its cost does not depend on the map."""
     from distdrgn.config import AbinitConfig, ModelConfig
@@ -343,6 +360,7 @@ def case_search_cost(args, root: Path) -> list[dict]:
             # a heterogeneous search decodes every candidate of every image: fewer images per batch
             B = 16 if zdim == 0 else 4
             model = build_model(ModelConfig(zdim=zdim, enc_dim=256, dec_dim=256, dec_layers=3), D, seed=0)
+            prior_sec = support_prior_seconds(model, D)
             for keep in args.cost_keeps:
                 cfg = AbinitConfig(keep=keep, base_rotations=args.cost_rotations, radius_start=D / 4)
                 search = ModelPoseSearch(model, Preprocess(D), cfg, "cpu")
@@ -353,7 +371,8 @@ def case_search_cost(args, root: Path) -> list[dict]:
                 search(batch)
                 sec = time.perf_counter() - t0
                 rows.append({"D": D, "zdim": zdim, "keep": keep, "base_rotations": args.cost_rotations, "levels": cfg.levels,
-                             "radius": D / 4, "batch": B, "seconds_per_batch": sec, "images_per_s": B / sec})
+                             "radius": D / 4, "batch": B, "seconds_per_batch": sec, "images_per_s": B / sec,
+                             "support_prior_seconds": prior_sec})
                 print(f"  search D={D} zdim={zdim} keep={keep}: {sec:.2f} s per {B} images", flush=True)
                 if zdim and time.perf_counter() - t0 > 60:  # the CPU's answer is clear; the GPU check measures it
                     break
@@ -377,22 +396,25 @@ def case_seeds(args, root: Path) -> dict:
                layout_overrides={"target_chunk_bytes": args.D * args.D * 4 * 64})
     true = load_poses(paths["poses.pkl"])
     out = {}
-    for seed in args.seeds:
-        run = base / f"seed{seed}_lr{args.abinit_lr:g}_e{args.search_epochs}"
-        if not (run / "weights.pkl").exists():
-            run_cli(["abinit", *overrides({"data.store": store, "output.dir": run, "train.seed": seed,
-                                           "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
-                                           "train.epochs": args.search_epochs,
-                                           "abinit.search_epochs": args.search_epochs, "abinit.base_rotations": 1152,
-                                           "abinit.keep": 8, "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1,
-                                           "abinit.radius_start": args.radius_start,
-                                           "abinit.radius_end": args.D * 5 // 12})])
-        rows = []
-        for epoch in range(1, args.search_epochs + 1):
-            errs = pose_errors(load_poses(run / f"poses.{epoch}.pkl"), true, args.D)
-            rows.append({"epoch": epoch, "rotation_deg": errs["rotation_deg"],
-                         "pairwise_angle_corr": errs["pairwise_angle_corr"]})
-        out[str(seed)] = rows
+    for weight in args.support_weights:
+        for seed in args.seeds:
+            run = base / f"seed{seed}_lr{args.abinit_lr:g}_e{args.search_epochs}_sw{weight:g}"
+            if not (run / "weights.pkl").exists():
+                run_cli(["abinit", *overrides({"data.store": store, "output.dir": run, "train.seed": seed,
+                                               "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
+                                               "train.epochs": args.search_epochs,
+                                               "abinit.search_epochs": args.search_epochs,
+                                               "abinit.base_rotations": 1152, "abinit.keep": 8,
+                                               "abinit.shift_extent_px": 4, "abinit.shift_step_px": 1,
+                                               "abinit.radius_start": args.radius_start,
+                                               "abinit.radius_end": args.D * 5 // 12,
+                                               "abinit.support_weight": weight})])
+            rows = []
+            for epoch in range(1, args.search_epochs + 1):
+                errs = pose_errors(load_poses(run / f"poses.{epoch}.pkl"), true, args.D)
+                rows.append({"epoch": epoch, "rotation_deg": errs["rotation_deg"],
+                             "pairwise_angle_corr": errs["pairwise_angle_corr"]})
+            out[f"{seed}, support_weight {weight:g}"] = rows
     return out
 
 
@@ -420,6 +442,8 @@ def main() -> None:
     p.add_argument("--abinit-batch", type=int, default=8)
     p.add_argument("--abinit-lr", type=float, default=5e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds: the train.seed of each run")
+    p.add_argument("--support-weights", type=float, nargs="+", default=[1.0],
+                   help="seeds: each seed once per abinit.support_weight (0: no support prior)")
     p.add_argument("--hinge-zdim", type=int, default=8)
     p.add_argument("--hinge-encoder", default="resid", choices=["resid", "autodecoder"],
                    help="hinge: z from the encoder (amortised) or a per-particle table (model.encoder)")
@@ -458,7 +482,7 @@ def print_table(results: dict) -> None:
                   f"{f['fsc05_px']:.2f} | {v['seconds_per_epoch']:.1f} |")
         print(f"\nshare of the perturbed -> true FSC AUC gap closed by pose_refine: {r['gap_closed']:.0%}")
     if "seeds" in results:
-        print("\n| train.seed | last epoch: rotation error median / p90 (deg), pairwise-angle corr | found by epoch (median < 10 deg) |")
+        print("\n| train.seed, abinit.support_weight | last epoch: rotation error median / p90 (deg), pairwise-angle corr | found by epoch (median < 10 deg) |")
         print("|---|---|---|")
         for seed, rows in results["seeds"].items():
             last, found = rows[-1], [r["epoch"] for r in rows if r["rotation_deg"]["median"] < 10]
@@ -489,11 +513,11 @@ def print_table(results: dict) -> None:
             print(f"| {label} | {rot} | {v['latent']['pc1_abs_spearman_c']:.3f} | {f['matched']['median']:.3f} "
                   f"({f['mismatched']['median']:.3f}) | {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])} |")
     if "search-cost" in results:
-        print("\n| D | zdim | keep | base rotations | images per batch | s per batch | images/s |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| D | zdim | keep | base rotations | images per batch | s per batch | images/s | support prior s |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in results["search-cost"]:
             print(f"| {row['D']} | {row['zdim']} | {row['keep']} | {row['base_rotations']} | {row['batch']} | "
-                  f"{row['seconds_per_batch']:.2f} | {row['images_per_s']:.1f} |")
+                  f"{row['seconds_per_batch']:.2f} | {row['images_per_s']:.1f} | {row['support_prior_seconds']:.3f} |")
 
 
 if __name__ == "__main__":

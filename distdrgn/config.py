@@ -113,6 +113,8 @@ class AbinitConfig:
     shift_step_px: float = 2.0  # step of the coarse shift grid, pixels
     radius_start: float = 12.0  # lattice radius (pixels of the box) the search compares within, first search epoch
     radius_end: float = 32.0  # ... and in the last search epoch (frequency marching; capped at D/2)
+    support_weight: float = 1.0  # while searching, weight of the prior against density outside support_radius (0: off)
+    support_radius: float = 0.38  # the particle lies within this many box widths of the box centre
 
 
 @dataclass
@@ -240,6 +242,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         (cfg.abinit.shift_extent_px >= 0 and cfg.abinit.shift_step_px > 0,
          "abinit.shift_extent_px must be >= 0 and abinit.shift_step_px > 0"),
         (0 < cfg.abinit.radius_start <= cfg.abinit.radius_end, "abinit needs 0 < radius_start <= radius_end"),
+        (cfg.abinit.support_weight >= 0 and 0 < cfg.abinit.support_radius <= 0.5,
+         "abinit.support_weight must be >= 0 and abinit.support_radius in (0, 0.5] (box widths from the centre)"),
         (not cfg.abinit.local_search or (cfg.abinit.levels >= 1 and cfg.abinit.local_cell_deg > 0),
          "abinit.local_search needs abinit.levels >= 1 and abinit.local_cell_deg > 0"),
         (cfg.debug.step_delay_s >= 0, "debug.step_delay_s must be >= 0"),

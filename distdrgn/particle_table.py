@@ -42,6 +42,7 @@ from distdrgn.checkpoint import _atomic_write
 from distdrgn.errors import DistdrgnError
 from distdrgn.objective import Batch
 from distdrgn.so3_grid import so3_exp
+from distdrgn.support_prior import SupportPrior
 
 STATE_DIR = "pose_state"
 # A particle is updated once per epoch, a few dozen times in a run: moments that remember
@@ -96,6 +97,7 @@ class ParticleTable:
         self.searching = False
         self.refining = False
         self.loss_weight: torch.Tensor | None = None  # (n_masked,) 0/1: the lattice points the loss counts
+        self.support_prior: SupportPrior | None = None  # added to the loss while searching (distdrgn.support_prior)
         self.zdim = zdim
         self._fields = _POSE_FIELDS
         if zdim:

@@ -330,27 +330,20 @@ def decoder_predictor(
     return predict
 
 
-def volume_predictor(
-    decoder, coords: torch.Tensor, radius: float, D: int, z: torch.Tensor | None, oversample: int = 2,
-    max_points: int = 1 << 18,
-) -> Predictor:
-    """The ``predict`` of :func:`search_poses` from decoded volumes: the decoder is evaluated
-    once per volume on a grid ``oversample`` times finer than the lattice, within ``radius``
-    (+ 1.5 lattice steps), and every candidate slice is read from it by trilinear
-    interpolation. A search reads ~10^4 slices per image, so this replaces millions of decoder
-    evaluations per image by one small ball of them; twofold oversampling keeps the
-    interpolation error well below the noise (RELION pads by 2 for the same reason).
+def decoded_ball(decoder, radius: float, D: int, z: torch.Tensor | None, oversample: int = 2,
+                 max_points: int = 1 << 18) -> tuple[torch.Tensor, int]:
+    """The decoder's Hartley values on a cubic grid ``oversample`` times finer than the lattice,
+    within ``radius`` (+ 1.5 lattice steps) of the origin, zero outside: -> (volumes (n_vol, G,
+    G, G) float32 indexed [z, y, x], n) with G = 2n + 1 and grid index ``i`` at frequency
+    ``(i - n) / (oversample D)`` cycles/pixel on each axis.
 
-    z None: one volume shared by all images (zdim = 0); z (B, zdim): one volume per image, at its
-    own z. The Fourier domain is evaluated on half the ball only and the other half filled from
-    ``H(-k) = real + imag`` (the grid is symmetric about 0, so -k of flat index i is
-    ``G^3 - 1 - i``). Gradient refinement later uses the decoder itself.
-
-    coords (K, 3) subset coordinates (cycles/pixel). ``predict(rots)``: (M, 3, 3) -> (M, K)
-    (z None only) or (B, M, 3, 3) -> (B, M, K); float32, no gradients.
+    z None: one volume (zdim = 0); z (B, zdim): one per row. The Fourier domain is evaluated on
+    half the ball only and the other half filled from ``H(-k) = real + imag`` (the grid is
+    symmetric about 0, so -k of flat index i is ``G^3 - 1 - i``). Differentiable with respect to
+    the decoder; callers that only read it wrap it in ``torch.no_grad()``.
     """
     n = int(np.ceil((radius + 1) * oversample))
-    device = coords.device
+    device = next(decoder.parameters()).device
     axis = torch.arange(-n, n + 1, device=device, dtype=torch.float32) / (oversample * D)
     gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
     grid = torch.stack([gx, gy, gz], -1).reshape(-1, 3)  # (G^3, 3) x fastest: volume[z, y, x]
@@ -361,20 +354,42 @@ def volume_predictor(
     inside = torch.nonzero(inside).squeeze(1)
     n_vol = 1 if z is None else z.shape[0]
     values = torch.zeros(n_vol, grid.shape[0], device=device)
-    with torch.no_grad():
-        for v in range(n_vol):
-            zv = None if z is None else z[v : v + 1]
-            for s in range(0, len(inside), max_points):
-                part = inside[s : s + max_points]
-                if fourier:
-                    pos, neg = decoder.hartley_pairs(grid[part][None], zv)
-                    # mirror first: the origin is its own mirror and takes H(0) = real - imag
-                    values[v, grid.shape[0] - 1 - part] = neg[0].float()
-                    values[v, part] = pos[0].float()
-                else:
-                    values[v, part] = decoder.hartley(grid[part][None], zv)[0].float()
+    for v in range(n_vol):
+        zv = None if z is None else z[v : v + 1]
+        for s in range(0, len(inside), max_points):
+            part = inside[s : s + max_points]
+            if fourier:
+                pos, neg = decoder.hartley_pairs(grid[part][None], zv)
+                # mirror first: the origin is its own mirror and takes H(0) = real - imag
+                values[v, grid.shape[0] - 1 - part] = neg[0].float()
+                values[v, part] = pos[0].float()
+            else:
+                values[v, part] = decoder.hartley(grid[part][None], zv)[0].float()
     G = 2 * n + 1
-    volumes = values.view(n_vol, 1, G, G, G)
+    return values.view(n_vol, G, G, G), n
+
+
+def volume_predictor(
+    decoder, coords: torch.Tensor, radius: float, D: int, z: torch.Tensor | None, oversample: int = 2,
+    max_points: int = 1 << 18,
+) -> Predictor:
+    """The ``predict`` of :func:`search_poses` from decoded volumes (:func:`decoded_ball`): the
+    decoder is evaluated once per volume on a grid ``oversample`` times finer than the lattice,
+    within ``radius``, and every candidate slice is read from it by trilinear interpolation. A
+    search reads ~10^4 slices per image, so this replaces millions of decoder evaluations per
+    image by one small ball of them; twofold oversampling keeps the interpolation error well
+    below the noise (RELION pads by 2 for the same reason).
+
+    z None: one volume shared by all images (zdim = 0); z (B, zdim): one volume per image, at its
+    own z. Gradient refinement later uses the decoder itself.
+
+    coords (K, 3) subset coordinates (cycles/pixel). ``predict(rots)``: (M, 3, 3) -> (M, K)
+    (z None only) or (B, M, 3, 3) -> (B, M, K); float32, no gradients.
+    """
+    with torch.no_grad():
+        values, n = decoded_ball(decoder, radius, D, z, oversample, max_points)
+    n_vol = values.shape[0]
+    volumes = values[:, None]  # (n_vol, 1, G, G, G) for grid_sample
     scale = oversample * D / n  # cycles/pixel -> grid_sample's [-1, 1] (align_corners: +-1 are the end points)
     K = coords.shape[0]
 

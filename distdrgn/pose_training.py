@@ -22,6 +22,7 @@ from distdrgn.objective import Batch, Preprocess, masked_freqs_on, prepare_targe
 from distdrgn.pose_search import local_search, radius_subset, search_poses, volume_predictor
 from distdrgn.particle_table import ParticleTable
 from distdrgn.so3_grid import base_rotations, grid_spacing, shift_grid
+from distdrgn.support_prior import SupportPrior
 
 log = logging.getLogger("distdrgn.train")
 
@@ -172,7 +173,7 @@ def start_epoch(table: ParticleTable | None, cfg: Config, source: str, epoch: in
     if table is None:
         return
     table.searching, table.refining = pose_phase(cfg, source, epoch)
-    table.loss_weight = None
+    table.loss_weight = table.support_prior = None
     local = source == "search" and cfg.abinit.local_search and not table.searching
     if local:
         table.searching = True  # each batch's poses are searched again, near where they are
@@ -188,9 +189,15 @@ def start_epoch(table: ParticleTable | None, cfg: Config, source: str, epoch: in
         lattice = searcher.model.lattice
         table.loss_weight = torch.zeros(lattice.n_masked, device=table.device)
         table.loss_weight[radius_subset(lattice, searcher.radius)[0].to(table.device)] = 1.0
-        log.info("epoch %d: searching poses (%d rotations x %d shifts, %d levels, keep %d) within radius %.1f",
+        # and, lest the map grow values where no image is fitted yet, the particle must be compact
+        if cfg.abinit.support_weight > 0:
+            table.support_prior = SupportPrior(cfg.abinit.support_weight, searcher.radius, lattice.D,
+                                               cfg.abinit.support_radius)
+        log.info("epoch %d: searching poses (%d rotations x %d shifts, %d levels, keep %d) within radius %.1f%s",
                  epoch, len(table.searcher.base_rots), len(table.searcher.base_shifts), cfg.abinit.levels,
-                 cfg.abinit.keep, table.searcher.radius)
+                 cfg.abinit.keep, table.searcher.radius,
+                 f", support prior {cfg.abinit.support_weight:g} outside {cfg.abinit.support_radius:g} box"
+                 if table.support_prior else "")
     elif table.refining:
         log.info("epoch %d: refining poses by gradient (%.3g rad, %.3g px per epoch)", epoch, cfg.model.pose_lr_rot,
                  cfg.model.pose_lr_trans)

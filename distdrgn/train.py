@@ -213,6 +213,11 @@ def train_step(engine: Engine, batch: Batch, prep: Preprocess, lattice, beta: fl
     with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.bfloat16, enabled=rt.amp_dtype is not None):
         mse, mu, logvar = engine(batch.rots, targets.y_enc, sample=True, y=targets.y, ctf=targets.ctf, z=z)
     terms = loss_terms(mse, mu, logvar, beta, lattice.n_masked, weight)
+    if table is not None and table.support_prior is not None:  # abinit: the map must be compact
+        # once per step, at the z of one image: weighted as the images' mean is, so the
+        # gradient of the step is that of mean(image loss) + prior over all ranks
+        z_prior = None if engine.module.zdim == 0 else (z if z is not None else mu)[:1]
+        terms.loss = terms.loss + table.support_prior(engine.module.decoder, z_prior) * (weight * len(batch.indices))
     engine.zero_grad()
     engine.backward(terms.loss)
     nonfinite = nonfinite_on_any_rank(terms.loss, engine.module, rt)

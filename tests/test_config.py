@@ -46,6 +46,8 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["trainepochs=3"], "expected section.key=value|must be section.key"),
         ("", ["data.invert=yes please"], "'data.invert' must be bool"),
         ("", ["abinit.local_search=true", "abinit.levels=0"], "abinit.local_search needs abinit.levels >= 1"),
+        ("", ["abinit.support_radius=0.6"], r"abinit.support_radius in \(0, 0.5\]"),
+        ("", ["abinit.support_weight=-1"], "abinit.support_weight must be >= 0"),
         ("- a\n- b\n", [], "top level must be a mapping"),
     ],
 )

@@ -18,6 +18,7 @@ calls it); ``load_state_dict()`` is called by every rank with the same checkpoin
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -111,6 +112,10 @@ def bf16_allreduce_hook(process_group, bucket):
     return future.then(decompress)
 
 
+_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers")
+
+
 class DDPEngine(Engine):
     """DistributedDataParallel when there are several processes, else the bare model."""
 
@@ -121,11 +126,12 @@ class DDPEngine(Engine):
         self.optimizer = build_optimizer(model, cfg, fused=True)
         if runtime.world_size > 1:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            # broadcast_buffers=False: the buffers (positional-encoding frequencies, lattice
-            # coordinates) are constants built from the seed and D, identical on every rank by
-            # construction, so re-sending them before every forward would only cost time
-            self.wrapped = DistributedDataParallel(model, device_ids=device_ids,
-                                                   bucket_cap_mb=cfg.train.bucket_cap_mb, broadcast_buffers=False)
+            # no buffer sync before each forward: the buffers (positional-encoding frequencies,
+            # lattice coordinates) are constants built from the seed and D, identical on every
+            # rank by construction, so re-sending them would only cost time. torch >= 2.13 calls
+            # it forward_sync_buffers (and deprecates broadcast_buffers, which older torch knows)
+            self.wrapped = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=cfg.train.bucket_cap_mb,
+                                                   **{_BUFFER_SYNC: False})
             if cfg.train.grad_comm_dtype == "bf16":
                 self.wrapped.register_comm_hook(None, bf16_allreduce_hook)
         else:

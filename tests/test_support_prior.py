@@ -88,3 +88,53 @@ def test_the_prior_of_a_heterogeneous_decoder_is_taken_at_the_given_z_and_does_n
     assert z.grad is None
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
     assert not torch.allclose(prior(dec, z + 3), value)
+
+
+PRIOR_UNDER_DDP = r'''
+import sys
+import torch
+import torch.distributed as dist
+from distdrgn.config import load_config
+from distdrgn.engine import DDPEngine
+from distdrgn.model import CryoDRGN, ModelInfo
+from distdrgn.runtime import Runtime
+from distdrgn.support_prior import SupportPrior
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+D = 16
+cfg = load_config(None, ["model.zdim=0", "model.dec_dim=16", "model.dec_layers=1"])
+g = torch.Generator().manual_seed(0)
+rots = torch.linalg.qr(torch.randn(6, 3, 3, generator=g, dtype=torch.float64))[0]
+rots = (rots * torch.det(rots)[:, None, None]).float()  # proper rotations
+y = torch.randn(6, CryoDRGN(ModelInfo.from_config(cfg.model, D, seed=0)).lattice.n_masked, generator=g)
+rows = [torch.arange(0, 4), torch.arange(4, 6)][rank]  # uneven batches: 4 and 2 images
+prior = SupportPrior(1.0, 5, D, 0.3)
+engine = DDPEngine(CryoDRGN(ModelInfo.from_config(cfg.model, D, seed=0)), cfg, Runtime(rank, world, torch.device("cpu"), None))
+mse, _, _ = engine(rots[rows], None, y=y[rows])
+weight = world / 6  # train_step's weighting: W / global batch, the prior once per step
+loss = mse.sum() * weight + prior(engine.module.decoder, None) * (weight * len(rows))
+loss.backward()
+if rank == 0:  # one process, the whole batch: mean image loss + prior
+    ref = CryoDRGN(ModelInfo.from_config(cfg.model, D, seed=0))
+    ref_mse, _, _ = ref(rots, None, y=y)
+    (ref_mse.mean() + prior(ref.decoder, None)).backward()
+    for (name, p), q in zip(engine.module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    print("gradients match")
+dist.destroy_process_group()
+'''
+
+
+def test_the_prior_outside_the_ddp_forward_gets_the_one_process_gradient(tmp_path):
+    """train_step adds the prior on ``engine.module.decoder``, outside DDP's forward: with 2
+    processes (gloo) and uneven batches the gradient is that of one process on the whole batch."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "prior_under_ddp.py"
+    script.write_text(PRIOR_UNDER_DDP)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and "gradients match" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

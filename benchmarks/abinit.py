@@ -15,9 +15,12 @@ Cases:
 - ``versus-cryodrgn``: the ``abinit`` dataset reconstructed ab initio by distdrgn and by
   cryoDRGN 4.3.1's ``cryodrgn abinit`` (``--cryodrgn PATH``: its executable, e.g. in a separate
   venv) with the same schedule (``--search-epochs`` of pose search, then ``--refine-epochs`` of
-  gradient updates of the poses), search grid (4,608 base rotations, shifts +-4 px on a 1 px
-  grid, 8 kept, 4 levels), frequency marching and decoder (2 x 64), each with its own batch
-  sizes. The same pose-error and FSC measures for both, and seconds per epoch.
+  gradient updates of the poses), search grid (``--base-rotations``, 4,608 = cryoDRGN's
+  ``--base-healpy 2``, 576 = ``--base-healpy 1``; shifts +-4 px on a 1 px grid, 8 kept, 4
+  levels), frequency marching and decoder (2 x 64), each with its own batch sizes. The two
+  tools run side by side, started together (cryoDRGN with ``--cryodrgn-threads``, distdrgn
+  with the benchmark's own threads: set ``OMP_NUM_THREADS``). The same pose-error and FSC
+  measures for both, and seconds per epoch.
 - ``hinge``: the continuous hinge (``simulate --dist uniform``), heterogeneous (zdim
   ``--hinge-zdim``, z from the encoder or ``--hinge-encoder autodecoder``): ab initio against fixed-pose training on the true poses, for the same
   epochs. Pose errors, PC1 |Spearman| of z against the true conformation and the per-image FSC
@@ -154,7 +157,8 @@ def case_refine(args, root: Path) -> dict:
                                                           if args.pose_lr_rot is not None else {})})}
     out = {}
     for label, (store, extra) in runs.items():
-        run = root / "refine" / label.replace(" ", "_").replace("+", "plus")
+        # not the store's own name: a run directory in the store is refused
+        run = root / "refine" / ("run_" + label.replace(" ", "_").replace("+", "plus"))
         if "pose_refine" in label and args.pose_lr_rot is not None:
             run = run.with_name(f"{run.name}_lr{args.pose_lr_rot:g}")
         if not (run / "weights.pkl").exists():
@@ -226,22 +230,32 @@ def case_versus_cryodrgn(args, root: Path) -> dict:
         raise SystemExit("versus-cryodrgn needs --cryodrgn PATH (the cryodrgn executable of a cryoDRGN 4.3.1 install)")
     data = simulate_stores(root / "abinit", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
     epochs = args.search_epochs + args.refine_epochs
-    out = {}
-    run = root / "abinit" / f"distdrgn_s{args.search_epochs}_e{epochs}{'_local' if args.local_search else ''}"
-    distdrgn_abinit(args, data, run, base_rotations=4608)
-    out["distdrgn"] = {**evaluate_abinit(load_poses(run / "poses.pkl"), map_of(run), data, args.D),
-                       "seconds_per_epoch": epoch_seconds(run)}
-
-    cd = root / "abinit" / f"cryodrgn_s{args.search_epochs}_e{epochs}"
+    # cryoDRGN's base grid is HEALPix-based: 576 rotations at --base-healpy 1, x8 per level above
+    healpy = {576 * 8**k: k + 1 for k in range(3)}.get(args.base_rotations)
+    if healpy is None:
+        raise SystemExit(f"--base-rotations must be one of cryoDRGN's grids (576, 4608, 36864), got {args.base_rotations}")
+    grid = "" if args.base_rotations == 4608 else f"_b{args.base_rotations}"
+    run = root / "abinit" / f"distdrgn_s{args.search_epochs}_e{epochs}{grid}{'_local' if args.local_search else ''}"
+    cd = root / "abinit" / f"cryodrgn_s{args.search_epochs}_e{epochs}{grid}"
     sim = root / "abinit" / "sim"
+    cryodrgn = None
     if not (cd / f"pose.{epochs}.pkl").exists():
         cmd = [args.cryodrgn, "abinit", sim / "particles.mrcs", "--ctf", sim / "ctf.pkl", "-o", cd, "--zdim", "0",
                "--num-epochs", epochs, "--epochs-pose-search", args.search_epochs, "--layers", 2, "--dim", 64,
                "--l-start", int(args.radius_start), "--l-end", args.D * 5 // 12, "--t-extent", 4, "--t-ngrid", 9,
-               "--nkeptposes", 8, "--niter", 4, "--base-healpy", 2, "--seed", 0, "--no-amp", "--num-workers", 0,
+               "--nkeptposes", 8, "--niter", 4, "--base-healpy", healpy, "--seed", 0, "--no-amp", "--num-workers", 0,
                "--max-threads", args.cryodrgn_threads]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.cryodrgn_threads)}
-        subprocess.run([str(c) for c in cmd], check=True, env=env, stdout=subprocess.DEVNULL)
+        # side by side: both tools share the machine for the same stretch of time; its progress
+        # lines go to stdout, not to its run.log
+        with open(cd.with_name(cd.name + ".stdout"), "w") as log:
+            cryodrgn = subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT)
+    distdrgn_abinit(args, data, run, base_rotations=args.base_rotations)
+    out = {"base_rotations": args.base_rotations}
+    out["distdrgn"] = {**evaluate_abinit(load_poses(run / "poses.pkl"), map_of(run), data, args.D),
+                       "seconds_per_epoch": epoch_seconds(run)}
+    if cryodrgn is not None and cryodrgn.wait() != 0:
+        raise SystemExit(f"cryodrgn abinit failed (exit {cryodrgn.returncode}); its log: {cd / 'run.log'}")
     with open(cd / f"pose.{epochs}.pkl", "rb") as f:
         rots, trans_px = pickle.load(f)
     # cryoDRGN abinit writes its shifts in pixels; its rotation (R or R^T) and shift sign
@@ -297,7 +311,7 @@ def case_hinge(args, root: Path) -> dict:
     suffix = "" if args.hinge_encoder == "resid" else f"_{args.hinge_encoder}"
     out = {}
     for label, name, cmd, extra in (
-        ("true poses (fixed)", "true", "train", {"data.store": base / "true"}),
+        ("true poses (fixed)", "true_poses", "train", {"data.store": base / "true"}),
         ("abinit", "abinit", "abinit", {"data.store": base / "none", **search}),
         ("abinit zdim 0, then train + pose_refine", "two_stage", "train",
          {"data.store": base / "found", "model.pose_refine": True, "model.pose_warmup_epochs": 1}),
@@ -450,6 +464,8 @@ def main() -> None:
     p.add_argument("--n-fsc", type=int, default=20, help="hinge: images whose decoded volume is compared")
     p.add_argument("--cryodrgn", type=Path, help="versus-cryodrgn: the cryodrgn executable (cryoDRGN 4.3.1)")
     p.add_argument("--cryodrgn-threads", type=int, default=1)
+    p.add_argument("--base-rotations", type=int, default=4608,
+                   help="versus-cryodrgn: base grid of both tools (576 or 4608: cryoDRGN's --base-healpy 1 or 2)")
     p.add_argument("--cost-boxes", type=int, nargs="+", default=[32, 48])
     p.add_argument("--cost-keeps", type=int, nargs="+", default=[2, 8])
     p.add_argument("--cost-rotations", type=int, default=4608)
@@ -498,7 +514,8 @@ def print_table(results: dict) -> None:
         print("\n| tool | rotation error median / p90 (deg) | pairwise-angle corr. | shift error median (px) | FSC AUC | "
               "FSC=0.5 (px) | s per epoch |")
         print("|---|---|---|---|---|---|---|")
-        for tool, v in results["versus-cryodrgn"].items():
+        for tool in ("distdrgn", "cryodrgn"):
+            v = results["versus-cryodrgn"][tool]
             rot, sh, f = v["poses"]["rotation_deg"], v["poses"]["shift_px"], v["fsc"]
             print(f"| {tool} | {rot['median']:.1f} / {rot['p90']:.1f} | {v['poses']['pairwise_angle_corr']:.3f} | "
                   f"{sh['median']:.2f} | {f['auc']:.3f} | "

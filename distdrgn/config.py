@@ -255,11 +255,23 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for ok, msg in checks:
         if not ok:
             raise DistdrgnError(f"{source}: {msg}")
+    _check_run_dir_outside_store(cfg, source)
     if cfg.train.beta is not None and not isinstance(cfg.train.beta, float):
         from distdrgn.objective import parse_beta  # validates the schedule syntax
 
         parse_beta(cfg.train.beta, cfg.model.zdim, source=source)
     return cfg
+
+
+def _check_run_dir_outside_store(cfg: Config, source: str) -> None:
+    """A run directory in the particle store would mix config.yaml, weights.N.pkl and the
+    checkpoints' pruning into the store's own files."""
+    if not (cfg.data.store and cfg.output.dir):
+        return
+    store, run = Path(cfg.data.store).resolve(), Path(cfg.output.dir).resolve()
+    if run == store or store in run.parents:
+        raise DistdrgnError(f"{source}: output.dir ({cfg.output.dir}) is inside data.store ({cfg.data.store}); "
+                            "the run's files do not belong in the store: choose another output.dir")
 
 
 def from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:

@@ -49,6 +49,8 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["abinit.support_radius=0.6"], r"abinit.support_radius in \(0, 0.5\]"),
         ("", ["abinit.support_weight=-1"], "abinit.support_weight must be >= 0"),
         ("- a\n- b\n", [], "top level must be a mapping"),
+        ("", ["data.store=st", "output.dir=st"], r"output.dir \(st\) is inside data.store \(st\)"),
+        ("", ["data.store=st", "output.dir=st/runs/../run"], "is inside data.store"),
     ],
 )
 def test_errors_are_one_line_and_name_the_key(tmp_path, text, overrides, match):
@@ -57,6 +59,12 @@ def test_errors_are_one_line_and_name_the_key(tmp_path, text, overrides, match):
     with pytest.raises(DistdrgnError, match=match) as err:
         load_config(path, overrides)
     assert "\n" not in str(err.value)
+
+
+def test_a_run_directory_next_to_or_holding_the_store_is_fine(tmp_path):
+    for store, run in (("st", "st_run"), ("run/st", "run"), ("st", "../st")):
+        cfg = load_config(None, [f"data.store={tmp_path / store}", f"output.dir={tmp_path / run}"])
+        assert cfg.output.dir == str(tmp_path / run)
 
 
 def test_shipped_configs_load():

@@ -250,7 +250,12 @@ def case_versus_cryodrgn(args, root: Path) -> dict:
         # lines go to stdout, not to its run.log
         with open(cd.with_name(cd.name + ".stdout"), "w") as log:
             cryodrgn = subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT)
-    distdrgn_abinit(args, data, run, base_rotations=args.base_rotations)
+    try:
+        distdrgn_abinit(args, data, run, base_rotations=args.base_rotations)
+    except BaseException:  # do not leave cryoDRGN running alone after the benchmark stopped
+        if cryodrgn is not None:
+            cryodrgn.terminate()
+        raise
     out = {"base_rotations": args.base_rotations}
     out["distdrgn"] = {**evaluate_abinit(load_poses(run / "poses.pkl"), map_of(run), data, args.D),
                        "seconds_per_epoch": epoch_seconds(run)}

@@ -47,6 +47,29 @@ def pose_phase(cfg: Config, source: str, epoch: int) -> tuple[bool, bool]:
     return False, False
 
 
+# a search epoch whose loss is this many times the lowest before it: the sign of a collapse
+COLLAPSE_RISE = 1.5
+
+
+def collapse_epoch(search_losses: list[float], rise: float = COLLAPSE_RISE) -> tuple[int, int] | None:
+    """(epoch, best epoch) when the last of the search epochs' training losses (epochs 1, 2,
+    ... in order) is the first to exceed ``rise`` x the lowest of the epochs before it; else None.
+
+    In the ab initio runs of benchmarks/RESULTS.md that found the poses no search epoch's loss
+    was more than 1.01x the lowest before it; in every collapse it rose 3-5x within a few
+    epochs while the viewing directions crowded together. Only the first epoch past the
+    threshold counts, so a run is told once (again after a resume only if it resumed that epoch).
+    """
+    def crossed(j: int) -> bool:
+        return j > 0 and search_losses[j] > rise * min(search_losses[:j])
+
+    last = len(search_losses) - 1
+    if not crossed(last) or any(crossed(j) for j in range(last)):
+        return None
+    best = min(range(last), key=search_losses.__getitem__)
+    return last + 1, best + 1
+
+
 def search_radius(cfg: AbinitConfig, epoch: int, D: int) -> float:
     """Frequency marching: the lattice radius the search compares within grows linearly from
     ``radius_start`` (first epoch) to ``radius_end`` (last search epoch), capped at D/2."""
@@ -75,11 +98,16 @@ class ModelPoseSearch:
     """A batch's poses by the hierarchical search against the model as it is now.
 
     Images are compared untranslated (each candidate shift moves the observation, as the
-    loss does); z, for a heterogeneous model, is the autodecoder's row (``z``, (B, zdim)) or
-    else the encoder's mean of the untranslated image. While :attr:`local`, the search starts
-    from ``current`` (the images' rotations (B, 3, 3) and shifts (B, 2) so far, fractions of
-    the box) instead of the base grid (:func:`~distdrgn.pose_search.local_search`) and returns
-    the best pose. Returns rotations (B, 3, 3) and shifts (B, 2) in fractions of the box.
+    loss does). ``current``: the images' rotations (B, 3, 3) and shifts (B, 2) so far, in
+    fractions of the box (zero shifts before their first search). z, for a heterogeneous
+    model, is the autodecoder's row (``z``, (B, zdim)) or else the encoder's mean of the image
+    centred by its current shift: the training step encodes the image centred by its pose's
+    shift, and the encoder's z of an uncentred image is another z (against a model trained on
+    the true poses, z from the uncentred hinge images left the search at 21 degrees median, z
+    from the centred ones found 3.6; benchmarks/RESULTS.md). While :attr:`local`, the search
+    starts from ``current`` instead of the base grid (:func:`~distdrgn.pose_search.local_search`)
+    and returns the best pose. Returns rotations (B, 3, 3) and shifts (B, 2) in fractions of
+    the box.
     """
 
     def __init__(self, model: CryoDRGN, prep: Preprocess, cfg: AbinitConfig, device):
@@ -105,7 +133,9 @@ class ModelPoseSearch:
         with torch.autocast(batch.images.device.type, enabled=False):
             targets = prepare_targets(unshifted, self.prep, lattice)
             if model.zdim and z is None:
-                z = model.encode(targets.y_enc)[0]
+                shifts = None if current is None else current[1]
+                centred = Batch(batch.indices, batch.images, None, shifts, batch.ctf)
+                z = model.encode(prepare_targets(centred, self.prep, lattice).y_enc)[0]
             idx, _ = radius_subset(lattice, self.radius)
             idx = idx.to(targets.y.device)
             freqs = masked_freqs_on(lattice.D, targets.y.device, torch.float32)[idx]

@@ -47,7 +47,7 @@ from distdrgn.objective import (Batch, Preprocess, hartley_std, loss_terms, pars
 from distdrgn.output_paths import nearest_existing
 from distdrgn.preemption import StopRequest
 from distdrgn.particle_table import ParticleTable
-from distdrgn.pose_training import build_particle_table, pose_source, start_epoch
+from distdrgn.pose_training import COLLAPSE_RISE, build_particle_table, collapse_epoch, pose_source, start_epoch
 from distdrgn.progress import EpochProgress, LossTable, setup_logging
 from distdrgn.runtime import Runtime, close_process_group, init_runtime
 
@@ -402,6 +402,8 @@ def run_training(cfg: Config, rt: Runtime, stop: StopRequest, source: str = "sto
                                       guard=guard, progress=progress, debug=debug, stop=stop)
             if rt.is_main:
                 log_epoch(losses, epoch, cfg.train.epochs, sums, seconds, beta_at(epoch - 1), rt.world_size)
+                if source == "search" and epoch <= cfg.abinit.search_epochs:
+                    warn_if_collapsing(losses, epoch, out_dir)
             last = epoch == cfg.train.epochs
             pose_state = checkpointer.exchange_table(epoch)  # every epoch: the next one's owners need the rows
             if table is not None:  # encode with the poses as trained (the encoder sees translated images)
@@ -437,6 +439,21 @@ def log_epoch(losses: LossTable, epoch: int, epochs: int, sums: list[float], sec
              "(%.1f per process)", epoch, epochs, loss, mse, kl, beta, n, seconds, n / seconds, n / seconds / world_size)
     losses.append({"epoch": epoch, "loss": loss, "mse": mse, "kl": kl, "beta": beta, "images": n,
                    "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2)})
+
+
+def warn_if_collapsing(losses: LossTable, epoch: int, out_dir: Path) -> None:
+    """abinit, rank 0, after search epoch ``epoch``: warn when its loss says the map is collapsing
+    (:func:`distdrgn.pose_training.collapse_epoch`, read from loss.csv, so a resumed run judges alike)."""
+    rows = [r for r in losses.rows() if int(r["epoch"]) <= epoch]
+    found = collapse_epoch([float(r["loss"]) for r in rows], COLLAPSE_RISE)
+    if found is None:
+        return
+    best = found[1]
+    kept = [name for name in (f"weights.{best}.pkl", f"poses.{best}.pkl") if (out_dir / name).exists()]
+    log.warning("epoch %d: the training loss %.4g is more than %gx the search's lowest so far (%.4g, epoch %d): "
+                "the map may be collapsing (docs/poses.md, 'When the search collapses')%s; rerun with another "
+                "train.seed, or with abinit.attempts > 1", epoch, float(rows[-1]["loss"]), COLLAPSE_RISE,
+                float(rows[best - 1]["loss"]), best, f"; {' and '.join(kept)} hold epoch {best}" if kept else "")
 
 
 def main(argv: list[str] | None = None, *, search: bool = False, doc: str = __doc__) -> int:

@@ -13,7 +13,6 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
-import yaml
 
 from distdrgn import cli
 from distdrgn.analysis.analyze import analyze, resolve_epoch

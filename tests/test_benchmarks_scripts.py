@@ -125,3 +125,40 @@ def test_knn_recall_counts_missed_neighbours():
     q = np.array([0, 5, 7])
     ref = np.argsort(((z[q, None] - z[None]) ** 2).sum(-1), axis=1)[:, 1:6]
     np.testing.assert_array_equal(np.sort(bench_knn.exact_neighbours(z, q, 5), 1), np.sort(ref, 1))
+
+
+def test_hinge_errors_count_the_mirror_pose_of_a_mirror_symmetric_particle_as_found():
+    """benchmarks/abinit.py's hinge rows: F R F images a volume symmetric through z = 0 exactly as
+    R does (the reason those poses count as found), and the helper scores them so."""
+    import torch
+
+    from distdrgn.atoms import render_volume
+    from distdrgn.pose_error import FLIP
+    from distdrgn.projection import project_volume
+    from distdrgn.so3_grid import so3_exp
+
+    rng = np.random.default_rng(0)
+    D = 16
+    # a particle of Gaussian atoms, and the same with every atom mirrored through z = 0 added
+    atoms = torch.from_numpy(rng.uniform(-0.3 * D, 0.3 * D, size=(40, 3)))
+    weights = torch.ones(40, dtype=torch.float64)
+    asymmetric = render_volume(atoms, weights, 1.5, D).numpy()
+    symmetric = render_volume(torch.cat([atoms, atoms * torch.tensor([1.0, 1.0, -1.0])]), weights.repeat(2), 1.5,
+                              D).numpy()
+    rots = so3_exp(torch.from_numpy(rng.normal(size=(6, 3)))).float()
+    mirrored = (FLIP @ rots.double() @ FLIP).float()
+    relative = {}
+    for name, vol in (("symmetric", symmetric), ("asymmetric", asymmetric)):
+        a, b = project_volume(vol, rots), project_volume(vol, mirrored)
+        relative[name] = float((a - b).abs().max() / a.abs().max())
+    assert relative["symmetric"] < 1e-3 and relative["asymmetric"] > 0.05, relative  # float32 interpolation
+
+    abinit = load_script("abinit")
+    n = 200
+    true = so3_exp(torch.from_numpy(rng.normal(size=(n, 3)) * 2)).double()
+    subunit = np.arange(n) % 2 == 0
+    found = torch.where(torch.from_numpy(subunit)[:, None, None], true, FLIP @ true @ FLIP)
+    errs = abinit.hinge_errors_by_subunit(found.numpy(), true.numpy(), subunit)
+    assert errs["with_subunit"]["median"] < 1e-6
+    assert errs["without_subunit"]["median"] > 30  # F R F is far from R for most R
+    assert errs["without_subunit_mirror_modulo"]["p90"] < 1e-6 and errs["all_mirror_modulo"]["under_10"] == 1.0

@@ -13,7 +13,6 @@ import json
 import pickle
 import shutil
 import threading
-import time
 import urllib.error
 import urllib.request
 import zipfile

@@ -8,7 +8,7 @@ from distdrgn.config import AbinitConfig, Config
 from distdrgn.lattice import Lattice
 from distdrgn.model import Decoder, PositionalEncoding
 from distdrgn.pose_search import radius_subset, volume_predictor
-from distdrgn.pose_training import pose_phase, sample_candidates, search_radius
+from distdrgn.pose_training import collapse_epoch, pose_phase, sample_candidates, search_radius
 from distdrgn.so3_grid import so3_exp
 
 D = 16
@@ -98,3 +98,54 @@ def test_posterior_sampling_prefers_the_better_candidates():
     counts = torch.bincount(picks, minlength=3)
     assert counts[2] == 0  # far worse than the best: probability ~ exp(-150)
     assert 0.3 < counts[1] / counts[0] < 1.0  # close to the best: drawn often, less than the best
+
+
+# training losses of measured ab initio runs (benchmarks/RESULTS.md), one per search epoch
+HINGE_COLLAPSE = [0.534, 0.179, 0.156, 0.140, 0.136, 0.138, 0.147, 0.177, 0.227, 0.320, 0.324, 0.347, 0.382]
+FOUND = [0.839, 0.530, 0.242, 0.165, 0.134, 0.124, 0.112, 0.106, 0.103, 0.095, 0.087, 0.059, 0.042, 0.038, 0.035]
+PLATEAU = [0.534, 0.200, 0.168, 0.159, 0.150]
+
+
+def test_a_collapse_is_told_once_at_the_first_epoch_past_the_rise():
+    told = [collapse_epoch(HINGE_COLLAPSE[:n]) for n in range(1, len(HINGE_COLLAPSE) + 1)]
+    # epoch 9's 0.227 is the first above 1.5 x 0.136 (epoch 5); later epochs are not told again
+    assert told == [None] * 8 + [(9, 5)] + [None] * 4
+    assert all(collapse_epoch(FOUND[:n]) is None for n in range(1, len(FOUND) + 1))
+    assert all(collapse_epoch(PLATEAU[:n]) is None for n in range(1, len(PLATEAU) + 1))
+    assert collapse_epoch([0.2, 0.1, 0.14], rise=1.3) == (3, 2) and collapse_epoch([0.2, 0.1, 0.14]) is None
+
+
+def test_a_heterogeneous_search_encodes_the_image_centred_by_its_current_shift():
+    """The training step encodes each image centred by its pose's shift, so the search takes z
+    from the image centred by its current shift, not from the uncentred image (whose z is
+    another z: against a hinge model trained on the true poses that cost 21 against 3.6 degrees
+    median, benchmarks/RESULTS.md)."""
+    from distdrgn.model import CryoDRGN, ModelInfo
+    from distdrgn.objective import Batch, Preprocess, prepare_targets
+    from distdrgn.pose_training import ModelPoseSearch
+
+    cfg = Config()
+    cfg.model.zdim, cfg.model.enc_dim, cfg.model.enc_layers, cfg.model.dec_dim, cfg.model.dec_layers = 4, 32, 2, 32, 2
+    model = CryoDRGN(ModelInfo.from_config(cfg.model, D, seed=0)).eval()
+    prep = Preprocess(D)
+    search = ModelPoseSearch(model, prep, AbinitConfig(base_rotations=576, levels=1, keep=2, shift_extent_px=2,
+                                                       shift_step_px=1, radius_start=5, search_epochs=1, sample=False),
+                             torch.device("cpu"))
+    search.set_epoch(1)
+    gen = torch.Generator().manual_seed(3)
+    B = 6
+    images = torch.randn(B, D, D, generator=gen)
+    rots = torch.eye(3).expand(B, 3, 3)
+    shifts = (torch.rand(B, 2, generator=gen) - 0.5) * 6 / D  # up to 3 pixels
+    batch = Batch(torch.arange(B), images, None, None, None)
+
+    def encoded(trans):
+        with torch.no_grad():
+            return model.encode(prepare_targets(Batch(batch.indices, images, None, trans, None), prep,
+                                                model.lattice).y_enc)[0]
+
+    found = search(batch, None, (rots, shifts))
+    as_centred = search(batch, encoded(shifts), (rots, shifts))
+    as_uncentred = search(batch, encoded(None), (rots, shifts))
+    assert all(torch.equal(a, b) for a, b in zip(found, as_centred))
+    assert not all(torch.equal(a, b) for a, b in zip(found, as_uncentred))  # the choice of z matters here

@@ -57,7 +57,6 @@ def test_verify_detects_missing_shard(tmp_path):
 
 def test_verify_accepts_unwritten_all_zero_chunk(tmp_path):
     import mrcfile
-    import numpy as np
 
     paths, data = make_dataset(tmp_path, n=100)
     images = data["images"]

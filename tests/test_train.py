@@ -318,3 +318,27 @@ def test_data_ind_trains_and_encodes_exactly_the_subset(small_dataset, tiny_over
     assert "training on 100 of the store's 192 particles" in (run / "run.log").read_text()
     with pytest.raises(DistdrgnError, match="another data.ind subset"):  # resuming needs the same subset
         run_train(tiny_overrides(small_dataset["store"], run, **{"train.epochs": 3}))
+
+
+def test_a_search_whose_loss_rises_is_warned_of_with_the_best_epochs_files(tmp_path, caplog):
+    """abinit's collapse warning as run.log shows it, from loss.csv (so a resumed run reads the
+    same rows): the losses of a measured hinge run whose map collapsed (benchmarks/RESULTS.md)."""
+    import logging
+
+    from distdrgn.progress import LossTable
+    from distdrgn.train import warn_if_collapsing
+
+    losses = LossTable(tmp_path)
+    for epoch, loss in enumerate([0.534, 0.179, 0.156, 0.140, 0.136, 0.138, 0.147, 0.177, 0.227], start=1):
+        losses.append({"epoch": epoch, "loss": loss, "mse": loss, "kl": 0, "beta": 0, "images": 2000,
+                       "seconds": 10, "images_per_second": 200})
+        (tmp_path / f"weights.{epoch}.pkl").touch()
+        (tmp_path / f"poses.{epoch}.pkl").touch()
+    with caplog.at_level(logging.WARNING, logger="distdrgn.train"):
+        for epoch in range(1, 10):
+            warn_if_collapsing(losses, epoch, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("epoch 9: the training loss 0.227 is more than 1.5x the search's lowest so far "
+                                  "(0.136, epoch 5): the map may be collapsing")
+    assert "weights.5.pkl and poses.5.pkl hold epoch 5" in warnings[0] and "abinit.attempts" in warnings[0]

@@ -31,7 +31,6 @@ def _rotations(v):
     """The 24 proper rotations of a cube about its centre voxel (axis permutations and flips, det +1)."""
     import itertools
 
-    c = v.shape[0] // 2
     out = []
     for perm in itertools.permutations(range(3)):
         for flips in itertools.product((1, -1), repeat=3):

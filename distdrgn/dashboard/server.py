@@ -32,7 +32,6 @@ import secrets
 import threading
 import zipfile
 from collections import OrderedDict
-from http import HTTPStatus
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path

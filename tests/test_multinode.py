@@ -52,6 +52,11 @@ SHUFFLE_CHUNKS = 8  # large.yaml's train.shuffle_chunks
 # different prefixes on different nodes, and one of them finds the dead round's gloo addresses.
 # Without the shared store every round's rank 0 worker starts a fresh store on a fresh port.
 ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# last_call: once three nodes are in, a round waits that long for a fourth. keep_alive: the
+# remaining agents drop a node from the rendezvous after interval x attempts without its
+# heartbeat, 15 s at torch's defaults (5 x 3); 6 s here is still far longer than a loaded agent
+# goes between heartbeats, and a node loss then costs the test ~8 s instead of ~19.
+ELASTIC_RDZV_CONF = "last_call_timeout=2,keep_alive_interval=2,keep_alive_max_attempt=3"
 
 
 def train_args(store: Path, run: Path, trace: Path, tiny_overrides, step_delay_s: float = 0.0, **extra) -> list[str]:
@@ -168,9 +173,8 @@ def test_a_node_lost_the_rest_reform_resume_and_see_each_particle_once(small_dat
         procs = []
         try:
             for h, log in zip(hosts, logs):
-                # last_call: once three nodes are in, a round waits that long for a fourth
                 procs.append(start_agent(h, hosts, port, args, log, nnodes="3:4", run_id="node-lost",
-                                         max_restarts=2, rdzv_conf="last_call_timeout=2", env=ELASTIC_ENV))
+                                         max_restarts=2, rdzv_conf=ELASTIC_RDZV_CONF, env=ELASTIC_ENV))
 
             def four_nodes_past_a_checkpoint():
                 # three global steps (a step checkpoint after two) of a 4-process attempt
@@ -216,7 +220,7 @@ def test_a_lost_node_comes_back_and_the_job_reforms_with_four(small_dataset, tin
         args = train_args(small_dataset["store"], run, trace, tiny_overrides, 0.25,
                           **{"train.checkpoint_every_steps": 2})
         # LOGLEVEL=INFO: torchrun's agents log what they do on a membership change
-        agent = {"nnodes": "3:4", "run_id": "node-back", "max_restarts": 2, "rdzv_conf": "last_call_timeout=2",
+        agent = {"nnodes": "3:4", "run_id": "node-back", "max_restarts": 2, "rdzv_conf": ELASTIC_RDZV_CONF,
                  "env": {**ELASTIC_ENV, "LOGLEVEL": "INFO"}}
         procs = []
         try:

@@ -9,6 +9,9 @@ Cases:
   on the perturbed poses with pose refinement. Reports the pose errors and the FSC of each map
   against the ground-truth volume (AUC up to Nyquist, 0.5 and 0.143 crossings), and the share
   of the perturbed-to-true FSC gap that refinement closes.
+- ``refine-versus-cryodrgn``: the ``refine`` data and epochs in cryoDRGN 4.3.1's ``train_nn``
+  (``--cryodrgn PATH``), with and without ``--do-pose-sgd``, at its default learning rates and
+  at distdrgn's model rate: the same pose errors, FSC and share of the gap closed.
 - ``abinit``: ab initio from a store without poses: rotation error after the best global
   rotation and hand (``distdrgn.pose_error``), shift error after the best 3D offset, and the FSC
   of the map (rotated into the ground truth's frame) against the ground truth.
@@ -202,6 +205,71 @@ def case_refine(args, root: Path) -> dict:
     return out
 
 
+def case_refine_versus_cryodrgn(args, root: Path) -> dict:
+    """The ``refine`` data and epochs trained by cryoDRGN 4.3.1's ``train_nn`` (homogeneous, a
+    2 x 64 decoder, batch 16, ``--domain hartley``, which its pose SGD requires): on the true
+    poses, on the perturbed ones, and on the perturbed
+    ones with ``--do-pose-sgd`` (``--pretrain`` = distdrgn's 2 warm-up epochs), at cryoDRGN's
+    default learning rates (1e-4 for the model and the poses), at distdrgn's model rate (2e-3),
+    and at that with ``--pose-lr 1e-3``; the share of cryoDRGN's own true-to-perturbed FSC gap
+    each closes.
+
+    ``--checkpoint 0``: only the final weights, map and poses are written. On the CPU cryoDRGN
+    4.3.1's ``PoseTracker.save`` divides the shift embedding itself by D (``t =
+    weight.data.cpu().numpy(); t /= D``: ``.cpu()`` of a CPU tensor is the tensor, and numpy
+    shares its memory), so each per-epoch checkpoint shrinks the shifts being trained D-fold
+    (seen: mean |t| 0.072 -> 0.0029 -> 0.00012 box over epochs 3-5 at D = 24); saved once, at
+    the end, they are divided once, after training. (On a GPU `.cpu()` copies: no harm there.)
+    """
+    import subprocess
+
+    from distdrgn.formats.mrc import read_volume
+
+    if args.cryodrgn is None:
+        raise SystemExit("refine-versus-cryodrgn needs --cryodrgn PATH (the cryodrgn executable of cryoDRGN 4.3.1)")
+    data = simulate_stores(root / "refine", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
+    sim = root / "refine" / "sim"
+    runs = {"true poses": ("true", [], 1e-4), "perturbed": ("perturbed", [], 1e-4),
+            "perturbed + --do-pose-sgd": ("perturbed", ["--do-pose-sgd", "--pretrain", 2], 1e-4),
+            "true poses, lr 2e-3": ("true", [], 2e-3), "perturbed, lr 2e-3": ("perturbed", [], 2e-3),
+            "perturbed + --do-pose-sgd, lr 2e-3": ("perturbed", ["--do-pose-sgd", "--pretrain", 2], 2e-3),
+            "perturbed + --do-pose-sgd, lr 2e-3, --pose-lr 1e-3": ("perturbed", ["--do-pose-sgd", "--pretrain", 2,
+                                                                                 "--pose-lr", 1e-3], 2e-3)}
+    poses_file = {"true": sim / "poses.pkl", "perturbed": root / "refine" / "perturbed.pkl"}
+    out = {}
+    for label, (poses, extra, lr) in runs.items():
+        run = root / "refine" / ("cryodrgn_" + label.replace(" ", "_").replace("+", "plus").replace(",", ""))
+        if not (run / "weights.pkl").exists():
+            cmd = [args.cryodrgn, "train_nn", sim / "particles.mrcs", "--poses", poses_file[poses], "--ctf",
+                   sim / "ctf.pkl", "-o", run, "-n", args.epochs, "-b", 16, "--lr", lr, "--layers", 2, "--dim", 64,
+                   "--domain", "hartley", "--seed", 0, "--no-amp", "--checkpoint", 0, *extra]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.cryodrgn_threads)}
+            with open(run.with_name(run.name + ".stdout"), "w") as log:
+                if subprocess.run([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+                    raise SystemExit(f"cryodrgn train_nn failed; see {log.name}")
+        vol = read_volume(run / "reconstruct.mrc")[0].astype(np.float32)
+        row = {"fsc": fsc_summary(vol, data["truth"]), "seconds_per_epoch": cryodrgn_epoch_seconds(run / "run.log")}
+        if "--do-pose-sgd" in extra:
+            with open(run / "pose.pkl", "rb") as f:
+                rots, trans = (np.asarray(a, np.float32) for a in pickle.load(f))
+            # its shifts' unit (box fraction or pixels) is checked against the truth, not assumed
+            fits = {unit: pose_errors((rots, trans / scale), data["true"], args.D)
+                    for unit, scale in (("box fraction", 1.0), ("pixels", args.D))}
+            unit = min(fits, key=lambda u: fits[u]["shift_px"]["median"])
+            row["poses"] = {**fits[unit], "shift_unit": unit}
+            row["poses"].pop("transform")
+        else:
+            errs = pose_errors(data[poses], data["true"], args.D)
+            errs.pop("transform")
+            row["poses"] = errs
+        out[label] = row
+    for lr, refined in (("", ""), (", lr 2e-3", ", lr 2e-3"), (", lr 2e-3", ", lr 2e-3, --pose-lr 1e-3")):
+        t, p = (out[k + lr]["fsc"]["auc"] for k in ("true poses", "perturbed"))
+        r = out["perturbed + --do-pose-sgd" + refined]["fsc"]["auc"]
+        out[f"gap_closed{refined}"] = (r - p) / (t - p) if t != p else float("nan")
+    return out
+
+
 def distdrgn_abinit(args, data: dict, run: Path, base_rotations: int) -> None:
     if (run / "weights.pkl").exists():
         return
@@ -238,11 +306,13 @@ def case_abinit(args, root: Path) -> dict:
 
 
 def cryodrgn_epoch_seconds(log: Path) -> list[float]:
-    """Seconds of each epoch from cryoDRGN abinit's run.log ('Epoch: N finished in H:MM:SS.ffffff')."""
+    """Seconds of each epoch from a cryoDRGN run.log: 'Epoch: N finished in H:MM:SS.ffffff' (abinit),
+    'Epoch: N Average loss = L; Finished in H:MM:SS.ffffff' (train_nn)."""
     import re
 
     out = []
-    for m in re.finditer(r"Epoch: \d+ finished in (\d+):(\d+):([\d.]+)", log.read_text()):
+    pattern = r"Epoch: \d+ (?:Average loss = \S+; )?finished in (\d+):(\d+):([\d.]+)"
+    for m in re.finditer(pattern, log.read_text(), flags=re.IGNORECASE):
         h, mi, sec = m.groups()
         out.append(int(h) * 3600 + int(mi) * 60 + float(sec))
     return out
@@ -466,7 +536,8 @@ def case_seeds(args, root: Path) -> dict:
     return out
 
 
-CASES = {"refine": case_refine, "abinit": case_abinit, "versus-cryodrgn": case_versus_cryodrgn,
+CASES = {"refine": case_refine, "refine-versus-cryodrgn": case_refine_versus_cryodrgn, "abinit": case_abinit,
+         "versus-cryodrgn": case_versus_cryodrgn,
          "hinge": case_hinge, "search-cost": case_search_cost, "seeds": case_seeds}
 
 
@@ -531,6 +602,21 @@ def print_table(results: dict) -> None:
             print(f"| {label} | {rot['median']:.2f} / {rot['p90']:.2f} | {sh['median']:.2f} | {f['auc']:.3f} | "
                   f"{f['fsc05_px']:.2f} | {v['seconds_per_epoch']:.1f} |")
         print(f"\nshare of the perturbed -> true FSC AUC gap closed by pose_refine: {r['gap_closed']:.0%}")
+    if "refine-versus-cryodrgn" in results:
+        r = results["refine-versus-cryodrgn"]
+        print("\n| cryoDRGN train_nn | rotation error median / p90 (deg) | shift error median (px) | FSC AUC | "
+              "FSC=0.5 (px) | s/epoch |")
+        print("|---|---|---|---|---|---|")
+        for label, v in r.items():
+            if label.startswith("gap_closed"):
+                continue
+            rot, sh, f = v["poses"]["rotation_deg"], v["poses"]["shift_px"], v["fsc"]
+            seconds = f"{np.median(v['seconds_per_epoch']):.1f}" if v["seconds_per_epoch"] else "-"
+            print(f"| {label} | {rot['median']:.2f} / {rot['p90']:.2f} | {sh['median']:.2f} | {f['auc']:.3f} | "
+                  f"{f['fsc05_px']:.2f} | {seconds} |")
+        print(f"\nshare of cryoDRGN's perturbed -> true FSC AUC gap closed by --do-pose-sgd: {r['gap_closed']:.0%} "
+              f"(lr 1e-4), {r['gap_closed, lr 2e-3']:.0%} (lr 2e-3), {r['gap_closed, lr 2e-3, --pose-lr 1e-3']:.0%} "
+              "(lr 2e-3, --pose-lr 1e-3)")
     if "seeds" in results:
         print("\n| train.seed, abinit.support_weight | last epoch: rotation error median / p90 (deg), pairwise-angle corr | found by epoch (median < 10 deg) |")
         print("|---|---|---|")

@@ -132,7 +132,7 @@ def hinge_errors_by_subunit(found_rots: np.ndarray, true_rots: np.ndarray, subun
 
     Without its subunit the simulated particle (distdrgn/atoms.py: core and arm centred on z = 0,
     the hinge axis 11 degrees off z) is nearly its own mirror image through z = 0 (volume
-    correlation 0.96-0.99 at D = 24, 0.89-0.95 at D = 48), so its images hardly tell a pose R from
+    correlation 0.955-0.995 at D = 24, 0.89-0.95 at D = 48), so its images hardly tell a pose R from
     F R F (F = diag(1, 1, -1)): for V(F x) = V(x) the slice at ``k @ R`` equals the slice at
     ``k @ F R F``, as for the hand flip in distdrgn/pose_error.py, with the same shift. For those
     images the smaller of the two errors is the one the data can decide.
@@ -257,11 +257,9 @@ def case_refine_versus_cryodrgn(args, root: Path) -> dict:
                     for unit, scale in (("box fraction", 1.0), ("pixels", args.D))}
             unit = min(fits, key=lambda u: fits[u]["shift_px"]["median"])
             row["poses"] = {**fits[unit], "shift_unit": unit}
-            row["poses"].pop("transform")
         else:
-            errs = pose_errors(data[poses], data["true"], args.D)
-            errs.pop("transform")
-            row["poses"] = errs
+            row["poses"] = pose_errors(data[poses], data["true"], args.D)
+        row["poses"].pop("transform")
         out[label] = row
     for lr, refined in (("", ""), (", lr 2e-3", ", lr 2e-3"), (", lr 2e-3", ", lr 2e-3, --pose-lr 1e-3")):
         t, p = (out[k + lr]["fsc"]["auc"] for k in ("true poses", "perturbed"))
@@ -429,11 +427,12 @@ def case_hinge(args, root: Path) -> dict:
         frame = np.eye(3)
         found_poses = (run / "poses.pkl").exists()
         if found_poses:
-            errs = pose_errors(load_poses(run / "poses.pkl"), true, args.D)
+            found = load_poses(run / "poses.pkl")
+            errs = pose_errors(found, true, args.D)
             G = errs.pop("transform")
             frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
             row["poses"] = errs
-            row["poses_by_subunit"] = hinge_errors_by_subunit(load_poses(run / "poses.pkl")[0], true[0], gt.subunit)
+            row["poses_by_subunit"] = hinge_errors_by_subunit(found[0], true[0], gt.subunit)
         model = load_model(run, device="cpu")
         with torch.no_grad():
             vols = [eval_volume(model, z[i], device="cpu") for i in idx]

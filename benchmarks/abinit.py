@@ -28,7 +28,12 @@ Cases:
   ``--hinge-zdim``, z from the encoder or ``--hinge-encoder autodecoder``): ab initio against fixed-pose training on the true poses, for the same
   epochs. Pose errors, PC1 |Spearman| of z against the true conformation and the per-image FSC
   AUC of volumes decoded at each image's z (as ``benchmarks/quality.py`` measures; the ab
-  initio volumes rotated into the ground truth's frame first).
+  initio volumes rotated into the ground truth's frame first). Also the two-stage route (a
+  homogeneous ab initio, then heterogeneous training with pose refinement on its poses), and
+  with ``--hinge-classes K`` the same from a K-class ab initio (``abinit.classes``).
+- ``hinge-versus-cryodrgn``: the hinge images in cryoDRGN 4.3.1's ``cryodrgn abinit --zdim``
+  (its conformation table), with the hinge case's schedule and grid (``--base-rotations``, one
+  of cryoDRGN's), scored as the hinge rows are (its volumes from its own ``eval_vol``).
 - ``seeds``: ab initio from nothing on a small dataset (``--n``, every one of
   ``--search-epochs`` a search epoch), once per ``--seeds`` and ``--support-weights``: the
   rotation error and pairwise-angle correlation after each epoch.
@@ -372,24 +377,59 @@ def case_versus_cryodrgn(args, root: Path) -> dict:
     return out
 
 
-def case_hinge(args, root: Path) -> dict:
-    from distdrgn.analysis.latent import load_z
+def hinge_data(args, root: Path) -> dict:
+    """The hinge simulation (``--dist uniform``), its stores with the true poses and without
+    poses, and the images whose decoded volumes are compared with their ground truth."""
     from distdrgn.analysis.validation import mismatched_partners, stratified_indices
     from distdrgn.formats.poses import load_poses
-    from distdrgn.pose_error import FLIP
     from distdrgn.simulate import load_ground_truth, simulate
     from distdrgn.store import ingest
-    from distdrgn.volumes import eval_volume, load_model
-    from quality import fsc_metrics, latent_metrics
 
     base = root / "hinge"
     paths = simulate(base / "sim", n=args.n, D=args.D, snr=args.snr, dist="uniform", seed=0, progress=False,
                      write_volumes=False, force=True)
-    gt = load_ground_truth(base / "sim")
-    true = load_poses(paths["poses.pkl"])
     for name, poses in (("true", paths["poses.pkl"]), ("none", None)):
         if not (base / name).exists():
             ingest(paths["particles.mrcs"], base / name, poses=poses, ctf=paths["ctf.pkl"], progress=False)
+    gt = load_ground_truth(base / "sim")
+    idx = stratified_indices(gt.c, args.n_fsc)
+    return {"base": base, "paths": paths, "gt": gt, "true": load_poses(paths["poses.pkl"]), "fsc_images": idx,
+            "fsc_partners": mismatched_partners(len(idx), seed=1)}
+
+
+def hinge_quality(found, vols: list[np.ndarray], hinge: dict, D: int) -> dict:
+    """Pose errors of ``found`` ((rots, trans) or None for the true poses) and the per-image FSC
+    AUC of ``vols`` (decoded at the z of each of ``hinge['fsc_images']``), rotated into the
+    truth's frame by the found poses' global alignment."""
+    from distdrgn.pose_error import FLIP
+    from quality import fsc_metrics
+
+    gt, idx = hinge["gt"], hinge["fsc_images"]
+    row, frame = {}, np.eye(3)
+    if found is not None:
+        errs = pose_errors(found, hinge["true"], D)
+        G = errs.pop("transform")
+        frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
+        row["poses"] = errs
+        row["poses_by_subunit"] = hinge_errors_by_subunit(found[0], hinge["true"][0], gt.subunit)
+        # the frame (or its inverse: which one the decoder's axes need) that fits the mean map best
+        mean = np.mean(vols, axis=0)
+        truth_mean = np.mean([gt.image_volume(int(i)) for i in idx], axis=0)
+        frame = max((frame, frame.T), key=lambda m: fsc_summary(rotate_volume(mean, m), truth_mean)["auc"])
+    fsc = fsc_metrics([rotate_volume(v, frame) for v in vols], idx, hinge["fsc_partners"], gt, gt.params.pixel_size)
+    row["fsc_auc"] = {k: fsc[k]["auc"] for k in ("matched", "mismatched")}
+    return row
+
+
+def case_hinge(args, root: Path) -> dict:
+    from distdrgn.analysis.latent import load_z
+    from distdrgn.formats.poses import load_poses
+    from distdrgn.store import ingest
+    from distdrgn.volumes import eval_volume, load_model
+    from quality import latent_metrics
+
+    hinge = hinge_data(args, root)
+    base, paths, gt = hinge["base"], hinge["paths"], hinge["gt"]
     het = {"model.zdim": args.hinge_zdim, "model.encoder": args.hinge_encoder, "model.enc_dim": 64,
            "model.enc_layers": 2,
            "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
@@ -404,47 +444,101 @@ def case_hinge(args, root: Path) -> dict:
         run_cli(["abinit", *overrides({**search, "data.store": base / "none", "output.dir": homogeneous,
                                        "train.batch_size": args.abinit_batch, "train.lr": args.abinit_lr,
                                        "train.epochs": args.search_epochs + args.refine_epochs})])
-    if not (base / "found").exists():
-        ingest(paths["particles.mrcs"], base / "found", poses=homogeneous / "poses.pkl", ctf=paths["ctf.pkl"],
-               progress=False)
-    idx = stratified_indices(gt.c, args.n_fsc)
-    partner = mismatched_partners(len(idx), seed=1)
+    refine = {"model.pose_refine": True, "model.pose_warmup_epochs": 1}
+    idx = hinge["fsc_images"]
     suffix = "" if args.hinge_encoder == "resid" else f"_{args.hinge_encoder}"
+    rows = [("true poses (fixed)", "true_poses", "train", {"data.store": base / "true"}, None),
+            ("abinit", "abinit", "abinit", {"data.store": base / "none", **search}, None),
+            ("abinit zdim 0, then train + pose_refine", "two_stage", "train", refine, homogeneous)]
+    K = args.hinge_classes
+    if K > 1:  # K homogeneous classes for the poses (cryoSPARC's multi-class ab initio), then the same
+        S = args.hinge_class_search_epochs or args.search_epochs
+        classes = base / f"classes{K}_s{S}"
+        rows += [(f"abinit, {K} classes ({S} search epochs)", classes.name, "abinit",
+                  {"data.store": base / "none", "model.zdim": 0, "abinit.classes": K, **search,
+                   "abinit.search_epochs": S, "train.epochs": S + args.refine_epochs}, None),
+                 (f"abinit {K} classes, then train + pose_refine", f"{classes.name}_two_stage", "train", refine, classes)]
     out = {}
-    for label, name, cmd, extra in (
-        ("true poses (fixed)", "true_poses", "train", {"data.store": base / "true"}),
-        ("abinit", "abinit", "abinit", {"data.store": base / "none", **search}),
-        ("abinit zdim 0, then train + pose_refine", "two_stage", "train",
-         {"data.store": base / "found", "model.pose_refine": True, "model.pose_warmup_epochs": 1}),
-    ):
-        run = base / (name + suffix)
+    for label, name, cmd, extra, poses_from in rows:
+        # the class run has no encoder: one run for either --hinge-encoder
+        run = base / (name if "abinit.classes" in extra else name + suffix)
+        if poses_from is not None:
+            found_store = base / f"found_{poses_from.name}"
+            if not found_store.exists():
+                ingest(paths["particles.mrcs"], found_store, poses=poses_from / "poses.pkl", ctf=paths["ctf.pkl"],
+                       progress=False)
+            extra = {"data.store": found_store, **extra}
         if not (run / "weights.pkl").exists():
             run_cli([cmd, *overrides({**het, **extra, "output.dir": run})])
         z = load_z(run / "z.pkl")
         row = {"latent": latent_metrics(z, gt), "seconds_per_epoch": epoch_seconds(run)}
-        if name == "two_stage":
-            row["seconds_per_epoch"] = epoch_seconds(homogeneous) + row["seconds_per_epoch"]
-        frame = np.eye(3)
-        found_poses = (run / "poses.pkl").exists()
-        if found_poses:
-            found = load_poses(run / "poses.pkl")
-            errs = pose_errors(found, true, args.D)
-            G = errs.pop("transform")
-            frame = G.T @ FLIP.numpy() if errs["flipped"] else G.T
-            row["poses"] = errs
-            row["poses_by_subunit"] = hinge_errors_by_subunit(found[0], true[0], gt.subunit)
+        if poses_from is not None:
+            row["seconds_per_epoch"] = epoch_seconds(poses_from) + row["seconds_per_epoch"]
+        if extra.get("abinit.classes", 1) > 1:
+            label_of = z.argmax(1)
+            row["classes"] = [{"images": int((label_of == k).sum()),
+                               "with_subunit": float(gt.subunit[label_of == k].mean()) if (label_of == k).any() else None,
+                               "mean_c": float(gt.c[label_of == k].mean()) if (label_of == k).any() else None}
+                              for k in range(K)]
         model = load_model(run, device="cpu")
         with torch.no_grad():
             vols = [eval_volume(model, z[i], device="cpu") for i in idx]
-        # the frame (or its inverse: which one the decoder's axes need) that fits the mean map best
-        if found_poses:
-            mean = np.mean(vols, axis=0)
-            truth_mean = np.mean([gt.image_volume(int(i)) for i in idx], axis=0)
-            frame = max((frame, frame.T), key=lambda m: fsc_summary(rotate_volume(mean, m), truth_mean)["auc"])
-        fsc = fsc_metrics([rotate_volume(v, frame) for v in vols], idx, partner, gt, gt.params.pixel_size)
-        row["fsc_auc"] = {k: fsc[k]["auc"] for k in ("matched", "mismatched")}
+        found = load_poses(run / "poses.pkl") if (run / "poses.pkl").exists() else None
+        row.update(hinge_quality(found, vols, hinge, args.D))
         out[label] = row
     return out
+
+
+def case_hinge_versus_cryodrgn(args, root: Path) -> dict:
+    """cryoDRGN 4.3.1's ``abinit`` (cryoDRGN-AI, its conformation table: ``--zdim``) on the
+    images of the hinge case, with its settings (5 + 1 epochs, radius 6 -> 5D/12, shifts +-4 px
+    on a 1 px grid, keep 8, 4 levels, a 2 x 64 decoder), scored as the hinge rows are."""
+    import subprocess
+
+    from distdrgn.formats.mrc import read_volume
+    from quality import latent_metrics
+
+    if args.cryodrgn is None:
+        raise SystemExit("hinge-versus-cryodrgn needs --cryodrgn PATH (the cryodrgn executable of cryoDRGN 4.3.1)")
+    hinge = hinge_data(args, root)
+    sim = hinge["base"] / "sim"
+    epochs = args.search_epochs + args.refine_epochs
+    healpy = {576 * 8**k: k + 1 for k in range(3)}.get(args.base_rotations)
+    if healpy is None:
+        raise SystemExit(f"--base-rotations must be one of cryoDRGN's grids (576, 4608, 36864), got {args.base_rotations}")
+    cd = hinge["base"] / f"cryodrgn_z{args.hinge_zdim}_s{args.search_epochs}_e{epochs}_b{args.base_rotations}"
+    if not (cd / f"pose.{epochs}.pkl").exists():
+        cmd = [args.cryodrgn, "abinit", sim / "particles.mrcs", "--ctf", sim / "ctf.pkl", "-o", cd,
+               "--zdim", args.hinge_zdim, "--num-epochs", epochs, "--epochs-pose-search", args.search_epochs,
+               "--layers", 2, "--dim", 64, "--l-start", int(args.radius_start), "--l-end", args.D * 5 // 12,
+               "--t-extent", 4, "--t-ngrid", 9, "--nkeptposes", 8, "--niter", 4, "--base-healpy", healpy,
+               "--seed", 0, "--no-amp", "--num-workers", 0, "--max-threads", args.cryodrgn_threads,
+               "--checkpoint", 1, "--log-interval", 200]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.cryodrgn_threads)}
+        with open(cd.with_name(cd.name + ".stdout"), "w") as log:
+            subprocess.run([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    with open(cd / f"pose.{epochs}.pkl", "rb") as f:
+        rots, trans_px = (np.asarray(a, np.float32) for a in pickle.load(f))
+    with open(cd / f"z.{epochs}.pkl", "rb") as f:
+        z = np.asarray(pickle.load(f), np.float32)
+    # its volumes at the compared images' z, by its own eval_vol
+    zfile = cd / "fsc_images_z.txt"
+    np.savetxt(zfile, z[hinge["fsc_images"]])
+    vol_dir = cd / "fsc_images_vols"
+    subprocess.run([str(args.cryodrgn), "eval_vol", str(cd / f"weights.{epochs}.pkl"), "-c", str(cd / "config.yaml"),
+                    "--zfile", str(zfile), "-o", str(vol_dir)], check=True, stdout=subprocess.DEVNULL)
+    vols = [read_volume(vol_dir / f"vol_{j + 1:03d}.mrc")[0].astype(np.float32)
+            for j in range(len(hinge["fsc_images"]))]
+    # cryoDRGN abinit's shifts are in pixels; its rotation (R or R^T) and shift sign are chosen
+    # against the ground truth, not assumed (as in versus-cryodrgn)
+    trans = trans_px / args.D
+    candidates = {(t, sign): pose_errors((rots.transpose(0, 2, 1) if t else rots, sign * trans), hinge["true"], args.D)
+                  for t in (False, True) for sign in (1, -1)}
+    t, sign = min(candidates, key=lambda k: (candidates[k]["rotation_deg"]["median"], candidates[k]["shift_px"]["median"]))
+    found = (rots.transpose(0, 2, 1) if t else rots, sign * trans)
+    return {"base_rotations": args.base_rotations, "rotations_transposed": t, "shift_sign": sign,
+            "latent": latent_metrics(z, hinge["gt"]), **hinge_quality(found, vols, hinge, args.D),
+            "seconds_per_epoch": cryodrgn_epoch_seconds(cd / "run.log")}
 
 
 def support_prior_seconds(model, D: int) -> float:
@@ -537,7 +631,8 @@ def case_seeds(args, root: Path) -> dict:
 
 CASES = {"refine": case_refine, "refine-versus-cryodrgn": case_refine_versus_cryodrgn, "abinit": case_abinit,
          "versus-cryodrgn": case_versus_cryodrgn,
-         "hinge": case_hinge, "search-cost": case_search_cost, "seeds": case_seeds}
+         "hinge": case_hinge, "hinge-versus-cryodrgn": case_hinge_versus_cryodrgn, "search-cost": case_search_cost,
+         "seeds": case_seeds}
 
 
 def main() -> None:
@@ -565,6 +660,10 @@ def main() -> None:
     p.add_argument("--hinge-zdim", type=int, default=8)
     p.add_argument("--hinge-encoder", default="resid", choices=["resid", "autodecoder"],
                    help="hinge: z from the encoder (amortised) or a per-particle table (model.encoder)")
+    p.add_argument("--hinge-classes", type=int, default=0,
+                   help="hinge: > 1 adds ab initio with that many classes (abinit.classes), then train + pose_refine on its poses")
+    p.add_argument("--hinge-class-search-epochs", type=int, default=0,
+                   help="hinge: search epochs of the --hinge-classes run (0: --search-epochs)")
     p.add_argument("--n-fsc", type=int, default=20, help="hinge: images whose decoded volume is compared")
     p.add_argument("--cryodrgn", type=Path, help="versus-cryodrgn: the cryodrgn executable (cryoDRGN 4.3.1)")
     p.add_argument("--cryodrgn-threads", type=int, default=1)
@@ -651,6 +750,16 @@ def print_table(results: dict) -> None:
             f = v["fsc_auc"]
             print(f"| {label} | {rot} | {mirror} | {v['latent']['pc1_abs_spearman_c']:.3f} | {f['matched']['median']:.3f} "
                   f"({f['mismatched']['median']:.3f}) | {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])} |")
+            for k, c in enumerate(v.get("classes", [])):
+                print(f"|   class {k}: {c['images']} images, {c['with_subunit'] or 0:.0%} with the subunit, "
+                      f"mean c {c['mean_c'] or 0:.2f} | | | | | |")
+    if "hinge-versus-cryodrgn" in results:
+        v = results["hinge-versus-cryodrgn"]
+        rot, mirror, f = v["poses"]["rotation_deg"], v["poses_by_subunit"]["all_mirror_modulo"], v["fsc_auc"]
+        print(f"\ncryoDRGN abinit on the hinge: rotation error {rot['median']:.1f} / {rot['p90']:.1f} deg "
+              f"({mirror['median']:.1f} / {mirror['p90']:.1f} modulo the mirror), PC1 abs Spearman "
+              f"{v['latent']['pc1_abs_spearman_c']:.3f}, per-image FSC AUC {f['matched']['median']:.3f} "
+              f"({f['mismatched']['median']:.3f}); s per epoch {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])}")
     if "search-cost" in results:
         print("\n| D | zdim | keep | base rotations | images per batch | s per batch | images/s | support prior s |")
         print("|---|---|---|---|---|---|---|---|")

@@ -105,6 +105,7 @@ class AbinitConfig:
     levels: int = 4  # subdivisions of the kept candidates (each halves the rotation and shift steps)
     keep: int = 8  # (rotation, shift) candidates kept per image from one level to the next
     sample: bool = True  # train on a pose drawn from the kept candidates' posterior (false: the best one)
+    classes: int = 1  # > 1: multi-class ab initio: that many maps (a one-hot z, model.zdim = classes), class chosen with the pose
     attempts: int = 1  # > 1: that many searches from train.seed, seed + 1, ... (output.dir/attempts/K); the lowest loss goes on
     attempt_epochs: int = 0  # search epochs of each attempt (0: abinit.search_epochs)
     local_search: bool = False  # after the search epochs, re-search each batch's poses near their current values first
@@ -235,6 +236,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
          "model.encoder=autodecoder runs with train.engine=ddp (its z table is updated outside the DeepSpeed engine)"),
         (cfg.model.z_lr > 0 and cfg.model.z_init_std >= 0, "model.z_lr must be > 0 and model.z_init_std >= 0"),
         (cfg.abinit.search_epochs >= 1, "abinit.search_epochs must be >= 1"),
+        (cfg.abinit.classes >= 1, "abinit.classes must be >= 1"),
         (cfg.abinit.attempts >= 1 and cfg.abinit.attempt_epochs >= 0,
          "abinit.attempts must be >= 1 and abinit.attempt_epochs >= 0"),
         (cfg.abinit.base_rotations >= 1 and cfg.abinit.keep >= 1 and cfg.abinit.levels >= 0,

@@ -1,7 +1,8 @@
 """Per-particle state that training changes: poses found by the pose search (``distdrgn
 abinit``) or refined by gradient (``model.pose_refine=true``, cryoDRGN's ``--do-pose-sgd``), and
 the z of an autodecoder (``model.encoder=autodecoder``: each particle's z is a learned row, not
-the output of an image encoder; cryoDRGN-AI's conformation table).
+the output of an image encoder; cryoDRGN-AI's conformation table), or the one-hot class of a
+multi-class ab initio (``abinit.classes``: set by the search, not learned).
 
 The table holds, for every particle of the store, its current rotation and shift (and z) and
 the state of its own optimizer. Each epoch every particle is trained on by exactly one rank (the
@@ -71,10 +72,12 @@ class ParticleTable:
     Adam moments (n, 5) of all n particles of the store, on ``device``; with ``zdim`` > 0 also
     the autodecoder's z (n, zdim) and their moments.
 
-    ``searcher(batch, z, current) -> (rots (B, 3, 3), trans (B, 2))``: the pose search (z: the
-    rows' z (B, zdim), None without an autodecoder; current: the rows' rotations and shifts);
-    while :attr:`searching`, each batch's poses are searched before its step (and the row's
-    optimizer state restarts). While :attr:`refining`, the batch's poses carry learnable
+    ``searcher(batch, z, current) -> (rots (B, 3, 3), trans (B, 2), z (B, zdim) or None)``: the
+    pose search (z: the rows' z (B, zdim), None without an autodecoder; current: the rows'
+    rotations and shifts; it returns the rows' new z when it chooses them: classes); while
+    :attr:`searching`, each batch's poses are searched before its step (and the row's
+    optimizer state restarts). ``classes`` = C > 1: z (zdim = C) is each particle's one-hot
+    class, drawn at random at the start (seeded by ``seed``), then set by the search only. While :attr:`refining`, the batch's poses carry learnable
     corrections. ``poses_learned``: the poses are the run's own (searched or refined), so each
     epoch writes them as ``poses.N.pkl``.
     """
@@ -82,7 +85,7 @@ class ParticleTable:
     def __init__(self, rots: torch.Tensor, trans: torch.Tensor, D: int, device, *, lr_rot: float, lr_trans: float,
                  searcher: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
                  poses_learned: bool = True, zdim: int = 0, lr_z: float = 0.0, z_init_std: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, classes: int = 1):
         n = rots.shape[0]
         self.D, self.device = D, torch.device(device)
         self.rots = rots.to(self.device, torch.float32).contiguous()
@@ -98,11 +101,17 @@ class ParticleTable:
         self.refining = False
         self.loss_weight: torch.Tensor | None = None  # (n_masked,) 0/1: the lattice points the loss counts
         self.support_prior: SupportPrior | None = None  # added to the loss while searching (distdrgn.support_prior)
+        if classes > 1 and zdim != classes:
+            raise ValueError(f"{classes} classes need zdim = {classes} (one-hot rows), got {zdim}")
         self.zdim = zdim
+        self.z_learned = classes <= 1
         self._fields = _POSE_FIELDS
         if zdim:
             g = torch.Generator().manual_seed(seed)  # the same table on every rank and every start
-            self.z = (torch.randn(n, zdim, generator=g) * z_init_std).to(self.device)
+            if classes > 1:
+                self.z = torch.eye(classes)[torch.randint(classes, (n,), generator=g)].to(self.device)
+            else:
+                self.z = (torch.randn(n, zdim, generator=g) * z_init_std).to(self.device)
             self.z_m = torch.zeros(n, zdim, device=self.device)
             self.z_v = torch.zeros(n, zdim, device=self.device)
             self.z_count = torch.zeros(n, device=self.device)
@@ -119,12 +128,16 @@ class ParticleTable:
     def batch(self, batch: Batch) -> tuple[Batch, torch.Tensor | None]:
         """(``batch`` with its poses from the table, the rows' z (B, zdim) or None): poses
         searched first while searching, with learnable corrections while refining; z a leaf
-        of the step with an autodecoder (then :meth:`step_unless` must follow the backward)."""
+        of the step with an autodecoder (then :meth:`step_unless` must follow the backward),
+        the search's one-hot class with classes."""
         rows = batch.indices.to(self.device)
-        z = self.z[rows].clone().requires_grad_(True) if self.zdim else None
+        z = self.z[rows].clone() if self.zdim else None
         if self.searching:
-            rots, trans = self.searcher(batch, None if z is None else z.detach(), (self.rots[rows], self.trans[rows]))
+            rots, trans, found_z = self.searcher(batch, None if z is None else z.detach(),
+                                                 (self.rots[rows], self.trans[rows]))
             self.rots[rows], self.trans[rows] = rots.float(), trans.float()
+            if found_z is not None:
+                self.z[rows] = z = found_z.to(self.z.dtype)
             for state in (self.m, self.v, self.count):  # a new pose: its optimizer starts afresh
                 state[rows] = 0
             self.changed[rows] = True
@@ -134,8 +147,9 @@ class ParticleTable:
             w = torch.zeros(len(rows), 3, device=self.device, requires_grad=True)
             dt = torch.zeros(len(rows), 2, device=self.device, requires_grad=True)
             rots, trans = rots @ so3_exp(w), trans + dt / self.D
-        if w is not None or z is not None:
-            self._leaves = StepLeaves(rows, w, dt, z)
+        learned_z = z.requires_grad_(True) if z is not None and self.z_learned else None
+        if w is not None or learned_z is not None:
+            self._leaves = StepLeaves(rows, w, dt, learned_z)
         return Batch(batch.indices, batch.images, rots, trans, batch.ctf), z
 
     @torch.no_grad()

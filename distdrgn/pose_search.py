@@ -18,7 +18,7 @@ matrix products, with no (images x rotations x points) tensor for a shared base 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,6 +231,29 @@ def search_poses(
                       max_elements)
 
 
+def search_classes(predictors: Sequence[Predictor], y: torch.Tensor, ctf: torch.Tensor | None, freqs: torch.Tensor,
+                   **search) -> tuple[SearchResult, torch.Tensor]:
+    """Best (class, rotation, shift) per image against C maps (multi-class ab initio).
+
+    ``predictors[c]``: class c's predictions for rotations shared by all images ((M, 3, 3) ->
+    (M, K)) and per image ((B, M, 3, 3) -> (B, M, K)). Each class is searched as one homogeneous
+    map (:func:`search_poses` with ``shared_base``, the other ``search`` arguments as given).
+    Returns the result over all C x keep kept candidates, best first (``rots``, ``shifts_px``
+    and ``error`` the best of them), and the class of each kept candidate (B, C keep) int64.
+    Deterministic; ties go to the lower class.
+    """
+    found = [search_poses(p, y, ctf, freqs, shared_base=True, **search) for p in predictors]
+    keep = found[0].kept_error.shape[1]
+    error = torch.cat([f.kept_error for f in found], 1)  # (B, C keep), class-major
+    order = torch.sort(error, dim=1, stable=True).indices
+    rots = torch.gather(torch.cat([f.kept_rots for f in found], 1), 1, order[:, :, None, None].expand(-1, -1, 3, 3))
+    shifts = torch.gather(torch.cat([f.kept_shifts_px for f in found], 1), 1, order[:, :, None].expand(-1, -1, 2))
+    error = torch.gather(error, 1, order)
+    classes = torch.div(order, keep, rounding_mode="floor")
+    return SearchResult(rots=rots[:, 0], shifts_px=shifts[:, 0], error=error[:, 0], kept_rots=rots,
+                        kept_shifts_px=shifts, kept_error=error), classes
+
+
 def local_search(
     predict: Predictor,
     y: torch.Tensor,
@@ -380,14 +403,17 @@ def volume_predictor(
     image by one small ball of them; twofold oversampling keeps the interpolation error well
     below the noise (RELION pads by 2 for the same reason).
 
-    z None: one volume shared by all images (zdim = 0); z (B, zdim): one volume per image, at its
-    own z. Gradient refinement later uses the decoder itself.
+    z None: one volume shared by all images (zdim = 0); z (zdim,): one volume at that z, shared
+    by all images (a class of a multi-class search, ``abinit.classes``); z (B, zdim): one volume
+    per image, at its own z. Gradient refinement later uses the decoder itself.
 
     coords (K, 3) subset coordinates (cycles/pixel). ``predict(rots)``: (M, 3, 3) -> (M, K)
-    (z None only) or (B, M, 3, 3) -> (B, M, K); float32, no gradients.
+    (one shared volume only) or (B, M, 3, 3) -> (B, M, K); float32, no gradients.
     """
+    shared = z is None or z.dim() == 1
     with torch.no_grad():
-        values, n = decoded_ball(decoder, radius, D, z, oversample, max_points)
+        values, n = decoded_ball(decoder, radius, D, None if z is None else z.reshape(-1, z.shape[-1]), oversample,
+                                 max_points)
     n_vol = values.shape[0]
     volumes = values[:, None]  # (n_vol, 1, G, G, G) for grid_sample
     scale = oversample * D / n  # cycles/pixel -> grid_sample's [-1, 1] (align_corners: +-1 are the end points)
@@ -396,7 +422,7 @@ def volume_predictor(
     @torch.no_grad()
     def predict(rots: torch.Tensor) -> torch.Tensor:
         lead = rots.shape[:-2]
-        if z is None:  # every rotation reads the one volume
+        if shared:  # every rotation reads the one volume
             pts = (coords.float() @ rots.float().reshape(-1, 3, 3)) * scale  # (M', K, 3), (x, y, z)
             grid_pts = pts.view(1, -1, 1, 1, 3)
         else:

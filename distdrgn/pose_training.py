@@ -9,6 +9,7 @@ being trained, and :func:`pose_phase` is the policy of which epochs search and w
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from distdrgn.config import AbinitConfig, Config
 from distdrgn.errors import DistdrgnError
 from distdrgn.model import CryoDRGN
 from distdrgn.objective import Batch, Preprocess, masked_freqs_on, prepare_targets
-from distdrgn.pose_search import local_search, radius_subset, search_poses, volume_predictor
+from distdrgn.pose_search import (SearchResult, local_search, radius_subset, search_classes, search_poses,
+                                  volume_predictor)
 from distdrgn.particle_table import ParticleTable
 from distdrgn.so3_grid import base_rotations, grid_spacing, shift_grid
 from distdrgn.support_prior import SupportPrior
@@ -89,8 +91,9 @@ def sample_candidates(errors: torch.Tensor, n_points: int) -> torch.Tensor:
     which the training loop reseeds before each step (so a resumed run draws the same).
     """
     e = errors.double()
-    noise = (e[:, :1] / max(n_points, 1)).clamp_min(1e-12)
-    logits = -(e - e[:, :1]) / (2 * noise)
+    best = e.min(1, keepdim=True).values  # the first column for one search's sorted candidates
+    noise = (best / max(n_points, 1)).clamp_min(1e-12)
+    logits = -(e - best) / (2 * noise)
     return torch.multinomial(torch.softmax(logits, dim=1).float(), 1).squeeze(1)
 
 
@@ -106,8 +109,11 @@ class ModelPoseSearch:
     the true poses, z from the uncentred hinge images left the search at 21 degrees median, z
     from the centred ones found 3.6; benchmarks/RESULTS.md). While :attr:`local`, the search
     starts from ``current`` instead of the base grid (:func:`~distdrgn.pose_search.local_search`)
-    and returns the best pose. Returns rotations (B, 3, 3) and shifts (B, 2) in fractions of
-    the box.
+    and returns the best pose. With ``abinit.classes`` = C > 1 the model is conditioned on a
+    one-hot class (:func:`class_model_config`): every image is searched against each of the C
+    class maps and its class is chosen with its pose, from the posterior over all C x keep
+    candidates (or the best). Returns rotations (B, 3, 3) and shifts (B, 2) in fractions of the
+    box, and the images' one-hot classes (B, C) (None without classes).
     """
 
     def __init__(self, model: CryoDRGN, prep: Preprocess, cfg: AbinitConfig, device):
@@ -127,12 +133,14 @@ class ModelPoseSearch:
 
     @torch.no_grad()
     def __call__(self, batch: Batch, z: torch.Tensor | None = None,
-                 current: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 current: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         model, lattice = self.model, self.model.lattice
         unshifted = Batch(batch.indices, batch.images, None, None, batch.ctf)
         with torch.autocast(batch.images.device.type, enabled=False):
             targets = prepare_targets(unshifted, self.prep, lattice)
-            if model.zdim and z is None:
+            classes = self.cfg.classes > 1 and not self.local
+            if model.zdim and z is None and not classes:
                 shifts = None if current is None else current[1]
                 centred = Batch(batch.indices, batch.images, None, shifts, batch.ctf)
                 z = model.encode(prepare_targets(centred, self.prep, lattice).y_enc)[0]
@@ -140,25 +148,56 @@ class ModelPoseSearch:
             idx = idx.to(targets.y.device)
             freqs = masked_freqs_on(lattice.D, targets.y.device, torch.float32)[idx]
             coords = model.slice_coords[idx]
+            ctf = None if targets.ctf is None else targets.ctf[:, idx]
+            search = dict(base_rots=self.base_rots, base_spacing=self.base_spacing, base_shifts=self.base_shifts,
+                          shift_step=self.cfg.shift_step_px, levels=self.cfg.levels, keep=self.cfg.keep)
+            if classes:  # one decoded volume per class, each searched as a homogeneous map
+                one_hot = torch.eye(self.cfg.classes, device=targets.y.device)
+                found, cls = search_classes([volume_predictor(model.decoder, coords, self.radius, lattice.D, c)
+                                             for c in one_hot], targets.y[:, idx], ctf, freqs, **search)
+                rots, trans, pick = self._pick(found, len(idx))
+                return rots, trans, one_hot[cls[torch.arange(len(pick)), pick]]
             # one decoded volume (zdim 0) or one per image at its z; candidates read from them
             predict = volume_predictor(model.decoder, coords, self.radius, lattice.D, z)
-            ctf = None if targets.ctf is None else targets.ctf[:, idx]
             if self.local:
                 if current is None:
                     raise ValueError("a local search needs the images' current poses")
                 found = local_search(predict, targets.y[:, idx], ctf, freqs, rots=current[0],
                                      shifts_px=current[1] * lattice.D, cell=np.radians(self.cfg.local_cell_deg),
                                      shift_step=self.cfg.shift_step_px, levels=self.cfg.levels, keep=self.cfg.keep)
-                return found.rots.float(), found.shifts_px.float() / lattice.D
-            found = search_poses(predict, targets.y[:, idx], ctf, freqs,
-                                 base_rots=self.base_rots, base_spacing=self.base_spacing,
-                                 base_shifts=self.base_shifts, shift_step=self.cfg.shift_step_px,
-                                 levels=self.cfg.levels, keep=self.cfg.keep, shared_base=not model.zdim)
-        if not self.cfg.sample:
-            return found.rots.float(), found.shifts_px.float() / lattice.D
-        pick = sample_candidates(found.kept_error, len(idx))
+                return found.rots.float(), found.shifts_px.float() / lattice.D, None
+            found = search_poses(predict, targets.y[:, idx], ctf, freqs, shared_base=not model.zdim, **search)
+        rots, trans, _ = self._pick(found, len(idx))
+        return rots, trans, None
+
+    def _pick(self, found: SearchResult, n_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pose each image trains on: a draw from the kept candidates' posterior, or the
+        best (``abinit.sample=false``). -> rotations, shifts (box fractions), and the picked
+        candidates' indices (B,)."""
+        if self.cfg.sample:
+            pick = sample_candidates(found.kept_error, n_points)
+        else:
+            pick = torch.zeros(len(found.error), dtype=torch.int64, device=found.error.device)
         rows = torch.arange(len(pick), device=pick.device)
-        return found.kept_rots[rows, pick].float(), found.kept_shifts_px[rows, pick].float() / lattice.D
+        return (found.kept_rots[rows, pick].float(), found.kept_shifts_px[rows, pick].float() / self.model.lattice.D,
+                pick)
+
+
+def class_model_config(cfg: Config) -> Config:
+    """The config of a multi-class ab initio (``abinit.classes`` = C > 1 with ``model.zdim=0``:
+    C homogeneous maps): one decoder that takes a one-hot class as its z (``model.zdim`` = C,
+    each particle's row of the autodecoder table, which the search sets and no gradient moves).
+    Other configs are returned as they are."""
+    C = cfg.abinit.classes
+    if C <= 1:
+        return cfg
+    if cfg.model.zdim not in (0, C) or (cfg.model.zdim == C and cfg.model.encoder != "autodecoder"):
+        raise DistdrgnError(f"abinit.classes={C} reconstructs {C} homogeneous maps: it needs model.zdim=0 "
+                            f"(got model.zdim={cfg.model.zdim}); for a continuous latent find the poses with "
+                            "classes first and train the heterogeneous model on them (docs/poses.md, 'Several classes')")
+    out = copy.deepcopy(cfg)
+    out.model.zdim, out.model.encoder = C, "autodecoder"
+    return out
 
 
 def build_particle_table(cfg: Config, source: str, store, model: CryoDRGN, prep: Preprocess, device,
@@ -192,7 +231,8 @@ def build_particle_table(cfg: Config, source: str, store, model: CryoDRGN, prep:
     table = ParticleTable(rots, trans, store.D, device, lr_rot=cfg.model.pose_lr_rot, lr_trans=cfg.model.pose_lr_trans,
                           searcher=searcher, poses_learned=source != "store",
                           zdim=cfg.model.zdim if autodecoder else 0, lr_z=cfg.model.z_lr,
-                          z_init_std=cfg.model.z_init_std, seed=cfg.train.seed)
+                          z_init_std=cfg.model.z_init_std, seed=cfg.train.seed,
+                          classes=cfg.abinit.classes if source == "search" else 1)
     if ckpt:
         table.load(out_dir, ckpt["pose_state"])
     return table

@@ -47,7 +47,8 @@ from distdrgn.objective import (Batch, Preprocess, hartley_std, loss_terms, pars
 from distdrgn.output_paths import nearest_existing
 from distdrgn.preemption import StopRequest
 from distdrgn.particle_table import ParticleTable
-from distdrgn.pose_training import COLLAPSE_RISE, build_particle_table, collapse_epoch, pose_source, start_epoch
+from distdrgn.pose_training import (COLLAPSE_RISE, build_particle_table, class_model_config, collapse_epoch,
+                                    pose_source, start_epoch)
 from distdrgn.progress import EpochProgress, LossTable, setup_logging
 from distdrgn.runtime import Runtime, close_process_group, init_runtime
 
@@ -292,6 +293,8 @@ def train(cfg: Config, search: bool = False) -> Path:
     try:
         with StopRequest(rt.device, rt.distributed) as stop:
             source = pose_source(cfg, search)
+            if source == "search":
+                cfg = class_model_config(cfg)  # abinit.classes: the decoder's z is a one-hot class
             if source == "search" and cfg.abinit.attempts > 1:  # several seeds; continue from the best
                 from distdrgn.attempts import run_attempts
 
@@ -300,7 +303,10 @@ def train(cfg: Config, search: bool = False) -> Path:
         rt.barrier()  # leave together: a gloo rank torn down while its peers still write can abort
     finally:
         close_process_group()  # DeepSpeed makes a group even for one process
-    if cfg.train.analyze and cfg.model.zdim and rt.is_main:  # one process, as cryoDRGN's train_vae does
+    if cfg.train.analyze and cfg.model.zdim and cfg.abinit.classes > 1 and search and rt.is_main:
+        log.info("classes: z.pkl holds each particle's one-hot class (its column of 1); no latent analysis runs "
+                 "(docs/poses.md, 'Several classes')")
+    elif cfg.train.analyze and cfg.model.zdim and rt.is_main:  # one process, as cryoDRGN's train_vae does
         from distdrgn.analysis.analyze import analyze
 
         log.info("running analyze on the final epoch (train.analyze=false skips it)")

@@ -250,6 +250,32 @@ def test_abinit_under_torchrun_two_processes(data, tmp_path):
     assert "2 process(es)" in (run / "attempts" / "1" / "run.log").read_text()
 
 
+def test_classes_under_torchrun_write_one_hot_classes_that_eval_vol_reads(data, tmp_path, capsys):
+    """``abinit.classes=2`` with two processes: the decoder's z is each particle's one-hot
+    class (config.yaml: zdim 2, an autodecoder table), chosen by the search with its pose and
+    gathered from both ranks into z.pkl; eval-vol makes the class maps from it. A continuous
+    zdim with classes is refused."""
+    run = tmp_path / "run"
+    proc = torchrun(args(**{"data.store": data["no_poses"], "output.dir": run, "train.epochs": 2,
+                            "abinit.search_epochs": 1, "abinit.classes": 2, **SEARCH}),
+                    tmp_path / "log", module="distdrgn.abinit")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
+    config = (run / "config.yaml").read_text()
+    assert "zdim: 2" in config and "encoder: autodecoder" in config and "classes: 2" in config
+    z = load_z(run / "z.pkl")
+    assert z.shape == (N, 2) and set(np.unique(z)) == {0.0, 1.0} and (z.sum(1) == 1).all()
+    assert np.array_equal(z, load_z(run / "z.1.pkl"))  # classes change only while searching
+    assert 0 < z[:, 0].sum() < N, z.sum(0)  # rows from both ranks; both classes took images
+    assert load_poses(run / "poses.pkl")[0].shape == (N, 3, 3)
+    assert "2 process(es)" in (run / "run.log").read_text()
+    assert cli(["eval-vol", str(run), "-z", "1", "0", "0", "1", "-o", str(tmp_path / "classes")]) == 0
+    assert len(list((tmp_path / "classes").glob("*.mrc"))) == 2
+    capsys.readouterr()
+    assert cli(["abinit", *args(**{"data.store": data["no_poses"], "output.dir": tmp_path / "bad", "model.zdim": 3,
+                                   "abinit.classes": 2, **SEARCH})]) != 0
+    assert "abinit.classes=2 reconstructs 2 homogeneous maps: it needs model.zdim=0" in capsys.readouterr().err
+
+
 def test_heterogeneous_abinit_finds_the_poses_and_writes_latents(data, tmp_path):
     """zdim > 0: each image's candidates are decoded with its own z (the encoder's mean). The
     images are of one state, so this checks the per-image search path, not the latents' use."""

@@ -21,7 +21,8 @@ def table(n=10, seed=0, **kw) -> ParticleTable:
     rots = random_rotations(n, g).float()
     trans = (torch.rand(n, 2, generator=g) - 0.5) * 0.1
     return ParticleTable(rots, trans, D, "cpu", lr_rot=kw.get("lr_rot", 0.01), lr_trans=kw.get("lr_trans", 0.1),
-                         searcher=kw.get("searcher"), zdim=kw.get("zdim", 0), lr_z=kw.get("lr_z", 0.05), seed=seed)
+                         searcher=kw.get("searcher"), zdim=kw.get("zdim", 0), lr_z=kw.get("lr_z", 0.05), seed=seed,
+                         classes=kw.get("classes", 1))
 
 
 def batch_of(rows) -> Batch:
@@ -66,7 +67,7 @@ def test_a_skipped_step_changes_nothing():
 
 def test_searched_poses_replace_the_rows_and_restart_their_optimizer():
     found = random_rotations(2, torch.Generator().manual_seed(7)).float()
-    t = table(searcher=lambda b, z, current: (found, torch.full((2, 2), 0.01)))
+    t = table(searcher=lambda b, z, current: (found, torch.full((2, 2), 0.01), None))
     t.m[4] = 1.0
     t.count[4] = 3
     t.searching = True
@@ -151,12 +152,29 @@ def test_the_search_sees_the_rows_z(tmp_path):
 
     def searcher(b, z, current):
         seen["z"] = z
-        return torch.eye(3).expand(len(b.indices), 3, 3), torch.zeros(len(b.indices), 2)
+        return torch.eye(3).expand(len(b.indices), 3, 3), torch.zeros(len(b.indices), 2), None
 
     t = table(zdim=2, searcher=searcher)
     t.searching = True
     t.batch(batch_of([3, 7]))
     assert torch.equal(seen["z"], t.z[[3, 7]]) and not seen["z"].requires_grad
+
+
+def test_classes_are_one_hot_rows_the_search_sets_and_no_gradient_moves():
+    """abinit.classes: each row starts in a random (seeded) class; the search's classes replace
+    the batch's rows and are the step's z; the step does not change them."""
+    t = table(zdim=3, classes=3, searcher=lambda b, z, current: (
+        torch.eye(3).expand(len(b.indices), 3, 3), torch.zeros(len(b.indices), 2), torch.eye(3)[[2, 0]]))
+    assert (t.z.sum(1) == 1).all() and set(t.z.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(t.z, table(zdim=3, classes=3).z)
+    t.searching = True
+    _, z = t.batch(batch_of([4, 8]))
+    assert torch.equal(z, torch.eye(3)[[2, 0]]) and torch.equal(t.z[[4, 8]], z) and not z.requires_grad
+    before = t.z.clone()
+    t.step_unless(torch.tensor(0.0))  # nothing of z to step on
+    assert torch.equal(t.z, before)
+    with pytest.raises(ValueError):
+        table(zdim=2, classes=3)
 
 
 def test_z_rows_are_part_of_the_sharded_state(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from distdrgn.config import AbinitConfig, Config
+from distdrgn.errors import DistdrgnError
 from distdrgn.lattice import Lattice
 from distdrgn.model import Decoder, PositionalEncoding
 from distdrgn.pose_search import radius_subset, volume_predictor
@@ -54,6 +55,10 @@ def test_decoded_volumes_hold_the_decoders_values_including_the_mirrored_half(zd
         assert not torch.allclose(got[0], got[1], atol=1e-3)
         with pytest.raises(ValueError):
             predict(QUARTER_TURNS)  # shared rotations need one volume for all images
+        # z (zdim,): one volume at that z for every image (a class of abinit.classes)
+        shared = volume_predictor(dec, coords, 6, D, z[1], max_points=700)
+        assert torch.allclose(shared(QUARTER_TURNS), got[1], atol=1e-6)
+        assert torch.allclose(shared(QUARTER_TURNS[None].expand(2, -1, -1, -1)), got[1].expand(2, -1, -1), atol=1e-6)
     else:
         assert torch.allclose(predict(QUARTER_TURNS), got[0], atol=1e-6)
     # the origin (not a lattice point, but a neighbour of the lowest ones) is its own mirror
@@ -147,5 +152,21 @@ def test_a_heterogeneous_search_encodes_the_image_centred_by_its_current_shift()
     found = search(batch, None, (rots, shifts))
     as_centred = search(batch, encoded(shifts), (rots, shifts))
     as_uncentred = search(batch, encoded(None), (rots, shifts))
-    assert all(torch.equal(a, b) for a, b in zip(found, as_centred))
-    assert not all(torch.equal(a, b) for a, b in zip(found, as_uncentred))  # the choice of z matters here
+    assert found[2] is None  # no classes: the search leaves z to the encoder
+    assert all(torch.equal(a, b) for a, b in zip(found[:2], as_centred[:2]))
+    assert not all(torch.equal(a, b) for a, b in zip(found[:2], as_uncentred[:2]))  # the choice of z matters here
+
+
+def test_classes_make_a_one_hot_autodecoder_model_and_refuse_a_continuous_latent():
+    from distdrgn.pose_training import class_model_config
+
+    cfg = Config()
+    cfg.model.zdim, cfg.abinit.classes = 0, 3
+    out = class_model_config(cfg)
+    assert (out.model.zdim, out.model.encoder) == (3, "autodecoder") and cfg.model.zdim == 0  # a copy
+    assert class_model_config(out).model.zdim == 3  # a resumed run's config.yaml passes as it is
+    one = Config()
+    assert class_model_config(one) is one  # no classes: as given (zdim 8, the encoder)
+    cfg.model.zdim = 8
+    with pytest.raises(DistdrgnError, match="needs model.zdim=0"):
+        class_model_config(cfg)

@@ -77,13 +77,13 @@ class ParticleTable:
     rotations and shifts; it returns the rows' new z when it chooses them: classes); while
     :attr:`searching`, each batch's poses are searched before its step (and the row's
     optimizer state restarts). ``classes`` = C > 1: z (zdim = C) is each particle's one-hot
-    class, drawn at random at the start (seeded by ``seed``), then set by the search only. While :attr:`refining`, the batch's poses carry learnable
-    corrections. ``poses_learned``: the poses are the run's own (searched or refined), so each
+    class, drawn at random at the start (seeded by ``seed``), then set by the search only.
+    While :attr:`refining`, the batch's poses carry learnable corrections. ``poses_learned``: the poses are the run's own (searched or refined), so each
     epoch writes them as ``poses.N.pkl``.
     """
 
     def __init__(self, rots: torch.Tensor, trans: torch.Tensor, D: int, device, *, lr_rot: float, lr_trans: float,
-                 searcher: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 searcher: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
                  poses_learned: bool = True, zdim: int = 0, lr_z: float = 0.0, z_init_std: float = 0.1,
                  seed: int = 0, classes: int = 1):
         n = rots.shape[0]

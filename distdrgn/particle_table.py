@@ -78,8 +78,9 @@ class ParticleTable:
     :attr:`searching`, each batch's poses are searched before its step (and the row's
     optimizer state restarts). ``classes`` = C > 1: z (zdim = C) is each particle's one-hot
     class, drawn at random at the start (seeded by ``seed``), then set by the search only.
-    While :attr:`refining`, the batch's poses carry learnable corrections. ``poses_learned``: the poses are the run's own (searched or refined), so each
-    epoch writes them as ``poses.N.pkl``.
+    While :attr:`refining`, the batch's poses carry learnable corrections. ``poses_learned``:
+    the poses are the run's own (searched or refined), so each epoch writes them as
+    ``poses.N.pkl``.
     """
 
     def __init__(self, rots: torch.Tensor, trans: torch.Tensor, D: int, device, *, lr_rot: float, lr_trans: float,

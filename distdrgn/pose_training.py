@@ -194,7 +194,8 @@ def class_model_config(cfg: Config) -> Config:
     if cfg.model.zdim not in (0, C) or (cfg.model.zdim == C and cfg.model.encoder != "autodecoder"):
         raise DistdrgnError(f"abinit.classes={C} reconstructs {C} homogeneous maps: it needs model.zdim=0 "
                             f"(got model.zdim={cfg.model.zdim}); for a continuous latent find the poses with "
-                            "classes first and train the heterogeneous model on them (docs/poses.md, 'Several classes')")
+                            "classes first and train the heterogeneous model on them "
+                            "(docs/poses.md, 'Several classes')")
     out = copy.deepcopy(cfg)
     out.model.zdim, out.model.encoder = C, "autodecoder"
     return out

@@ -321,6 +321,42 @@ def cryodrgn_epoch_seconds(log: Path) -> list[float]:
     return out
 
 
+def cryodrgn_healpy(base_rotations: int) -> int:
+    """cryoDRGN's ``--base-healpy`` for a base grid of ``base_rotations``: its grid is
+    HEALPix-based, 576 rotations at --base-healpy 1, x8 per level above."""
+    healpy = {576 * 8**k: k + 1 for k in range(3)}.get(base_rotations)
+    if healpy is None:
+        raise SystemExit(f"--base-rotations must be one of cryoDRGN's grids (576, 4608, 36864), got {base_rotations}")
+    return healpy
+
+
+def cryodrgn_abinit_command(args, sim: Path, out: Path, zdim: int, *extra) -> list[str]:
+    """``cryodrgn abinit`` on ``sim``'s particles with the benchmark's schedule and search
+    (``--search-epochs`` + ``--refine-epochs``, radius ``--radius-start`` -> 5D/12, shifts +-4 px
+    on a 1 px grid, keep 8, 4 levels, ``--base-rotations``), a 2 x 64 decoder, then ``extra``."""
+    cmd = [args.cryodrgn, "abinit", sim / "particles.mrcs", "--ctf", sim / "ctf.pkl", "-o", out, "--zdim", zdim,
+           "--num-epochs", args.search_epochs + args.refine_epochs, "--epochs-pose-search", args.search_epochs,
+           "--layers", 2, "--dim", 64, "--l-start", int(args.radius_start), "--l-end", args.D * 5 // 12,
+           "--t-extent", 4, "--t-ngrid", 9, "--nkeptposes", 8, "--niter", 4,
+           "--base-healpy", cryodrgn_healpy(args.base_rotations), "--seed", 0, "--no-amp", "--num-workers", 0,
+           "--max-threads", args.cryodrgn_threads, *extra]
+    return [str(c) for c in cmd]
+
+
+def cryodrgn_abinit_poses(path: Path, true, D: int) -> tuple[tuple[np.ndarray, np.ndarray], bool, int]:
+    """A cryoDRGN abinit ``pose.N.pkl`` as distdrgn poses (rots, trans in box fractions), with
+    the rotation convention (R or R^T: ``transposed``) and shift sign that fit ``true`` best
+    (by median rotation, then shift error): cryoDRGN abinit writes its shifts in pixels, and its
+    conventions are checked against the ground truth, not assumed. -> (poses, transposed, sign)."""
+    with open(path, "rb") as f:
+        rots, trans_px = (np.asarray(a, np.float32) for a in pickle.load(f))
+    trans = trans_px / D
+    read = {(t, sign): (rots.transpose(0, 2, 1) if t else rots, sign * trans) for t in (False, True) for sign in (1, -1)}
+    errors = {k: pose_errors(poses, true, D) for k, poses in read.items()}
+    t, sign = min(errors, key=lambda k: (errors[k]["rotation_deg"]["median"], errors[k]["shift_px"]["median"]))
+    return read[t, sign], t, sign
+
+
 def case_versus_cryodrgn(args, root: Path) -> dict:
     import subprocess
 
@@ -331,26 +367,19 @@ def case_versus_cryodrgn(args, root: Path) -> dict:
         raise SystemExit("versus-cryodrgn needs --cryodrgn PATH (the cryodrgn executable of a cryoDRGN 4.3.1 install)")
     data = simulate_stores(root / "abinit", args.n, args.D, args.snr, args.perturb_deg, args.perturb_px)
     epochs = args.search_epochs + args.refine_epochs
-    # cryoDRGN's base grid is HEALPix-based: 576 rotations at --base-healpy 1, x8 per level above
-    healpy = {576 * 8**k: k + 1 for k in range(3)}.get(args.base_rotations)
-    if healpy is None:
-        raise SystemExit(f"--base-rotations must be one of cryoDRGN's grids (576, 4608, 36864), got {args.base_rotations}")
+    cryodrgn_healpy(args.base_rotations)  # one of its grids, before either tool starts
     grid = "" if args.base_rotations == 4608 else f"_b{args.base_rotations}"
     run = root / "abinit" / f"distdrgn_s{args.search_epochs}_e{epochs}{grid}{'_local' if args.local_search else ''}"
     cd = root / "abinit" / f"cryodrgn_s{args.search_epochs}_e{epochs}{grid}"
     sim = root / "abinit" / "sim"
     cryodrgn = None
     if not (cd / f"pose.{epochs}.pkl").exists():
-        cmd = [args.cryodrgn, "abinit", sim / "particles.mrcs", "--ctf", sim / "ctf.pkl", "-o", cd, "--zdim", "0",
-               "--num-epochs", epochs, "--epochs-pose-search", args.search_epochs, "--layers", 2, "--dim", 64,
-               "--l-start", int(args.radius_start), "--l-end", args.D * 5 // 12, "--t-extent", 4, "--t-ngrid", 9,
-               "--nkeptposes", 8, "--niter", 4, "--base-healpy", healpy, "--seed", 0, "--no-amp", "--num-workers", 0,
-               "--max-threads", args.cryodrgn_threads]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.cryodrgn_threads)}
         # side by side: both tools share the machine for the same stretch of time; its progress
         # lines go to stdout, not to its run.log
         with open(cd.with_name(cd.name + ".stdout"), "w") as log:
-            cryodrgn = subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT)
+            cryodrgn = subprocess.Popen(cryodrgn_abinit_command(args, sim, cd, 0), env=env, stdout=log,
+                                        stderr=subprocess.STDOUT)
     try:
         distdrgn_abinit(args, data, run, base_rotations=args.base_rotations)
     except BaseException:  # do not leave cryoDRGN running alone after the benchmark stopped
@@ -362,18 +391,10 @@ def case_versus_cryodrgn(args, root: Path) -> dict:
                        "seconds_per_epoch": epoch_seconds(run)}
     if cryodrgn is not None and cryodrgn.wait() != 0:
         raise SystemExit(f"cryodrgn abinit failed (exit {cryodrgn.returncode}); its log: {cd / 'run.log'}")
-    with open(cd / f"pose.{epochs}.pkl", "rb") as f:
-        rots, trans_px = pickle.load(f)
-    # cryoDRGN abinit writes its shifts in pixels; its rotation (R or R^T) and shift sign
-    # conventions are checked against the ground truth, not assumed
+    poses, transposed, sign = cryodrgn_abinit_poses(cd / f"pose.{epochs}.pkl", data["true"], args.D)
     vol = read_volume(cd / f"reconstruct.{epochs}.mrc")[0].astype(np.float32)
-    rots, trans = np.asarray(rots, np.float32), np.asarray(trans_px, np.float32) / args.D
-    candidates = {(t, sign): evaluate_abinit((rots.transpose(0, 2, 1) if t else rots, sign * trans), vol, data, args.D)
-                  for t in (False, True) for sign in (1, -1)}
-    best = min(candidates, key=lambda k: (candidates[k]["poses"]["rotation_deg"]["median"],
-                                          candidates[k]["poses"]["shift_px"]["median"]))
-    out["cryodrgn"] = {**candidates[best], "rotations_transposed": best[0], "shift_sign": best[1],
-                       "seconds_per_epoch": cryodrgn_epoch_seconds(cd / "run.log")}
+    out["cryodrgn"] = {**evaluate_abinit(poses, vol, data, args.D), "rotations_transposed": transposed,
+                       "shift_sign": sign, "seconds_per_epoch": cryodrgn_epoch_seconds(cd / "run.log")}
     return out
 
 
@@ -475,11 +496,9 @@ def case_hinge(args, root: Path) -> dict:
         if poses_from is not None:
             row["seconds_per_epoch"] = epoch_seconds(poses_from) + row["seconds_per_epoch"]
         if extra.get("abinit.classes", 1) > 1:
-            label_of = z.argmax(1)
-            row["classes"] = [{"images": int((label_of == k).sum()),
-                               "with_subunit": float(gt.subunit[label_of == k].mean()) if (label_of == k).any() else None,
-                               "mean_c": float(gt.c[label_of == k].mean()) if (label_of == k).any() else None}
-                              for k in range(K)]
+            members = [z.argmax(1) == k for k in range(K)]
+            row["classes"] = [{"images": int(m.sum()), "with_subunit": float(gt.subunit[m].mean()) if m.any() else None,
+                               "mean_c": float(gt.c[m].mean()) if m.any() else None} for m in members]
         model = load_model(run, device="cpu")
         with torch.no_grad():
             vols = [eval_volume(model, z[i], device="cpu") for i in idx]
@@ -503,22 +522,13 @@ def case_hinge_versus_cryodrgn(args, root: Path) -> dict:
     hinge = hinge_data(args, root)
     sim = hinge["base"] / "sim"
     epochs = args.search_epochs + args.refine_epochs
-    healpy = {576 * 8**k: k + 1 for k in range(3)}.get(args.base_rotations)
-    if healpy is None:
-        raise SystemExit(f"--base-rotations must be one of cryoDRGN's grids (576, 4608, 36864), got {args.base_rotations}")
     cd = hinge["base"] / f"cryodrgn_z{args.hinge_zdim}_s{args.search_epochs}_e{epochs}_b{args.base_rotations}"
     if not (cd / f"pose.{epochs}.pkl").exists():
-        cmd = [args.cryodrgn, "abinit", sim / "particles.mrcs", "--ctf", sim / "ctf.pkl", "-o", cd,
-               "--zdim", args.hinge_zdim, "--num-epochs", epochs, "--epochs-pose-search", args.search_epochs,
-               "--layers", 2, "--dim", 64, "--l-start", int(args.radius_start), "--l-end", args.D * 5 // 12,
-               "--t-extent", 4, "--t-ngrid", 9, "--nkeptposes", 8, "--niter", 4, "--base-healpy", healpy,
-               "--seed", 0, "--no-amp", "--num-workers", 0, "--max-threads", args.cryodrgn_threads,
-               "--checkpoint", 1, "--log-interval", 200]
+        cmd = cryodrgn_abinit_command(args, sim, cd, args.hinge_zdim, "--checkpoint", 1, "--log-interval", 200)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.cryodrgn_threads)}
         with open(cd.with_name(cd.name + ".stdout"), "w") as log:
-            subprocess.run([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    with open(cd / f"pose.{epochs}.pkl", "rb") as f:
-        rots, trans_px = (np.asarray(a, np.float32) for a in pickle.load(f))
+            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    found, transposed, sign = cryodrgn_abinit_poses(cd / f"pose.{epochs}.pkl", hinge["true"], args.D)
     with open(cd / f"z.{epochs}.pkl", "rb") as f:
         z = np.asarray(pickle.load(f), np.float32)
     # its volumes at the compared images' z, by its own eval_vol
@@ -529,14 +539,7 @@ def case_hinge_versus_cryodrgn(args, root: Path) -> dict:
                     "--zfile", str(zfile), "-o", str(vol_dir)], check=True, stdout=subprocess.DEVNULL)
     vols = [read_volume(vol_dir / f"vol_{j + 1:03d}.mrc")[0].astype(np.float32)
             for j in range(len(hinge["fsc_images"]))]
-    # cryoDRGN abinit's shifts are in pixels; its rotation (R or R^T) and shift sign are chosen
-    # against the ground truth, not assumed (as in versus-cryodrgn)
-    trans = trans_px / args.D
-    candidates = {(t, sign): pose_errors((rots.transpose(0, 2, 1) if t else rots, sign * trans), hinge["true"], args.D)
-                  for t in (False, True) for sign in (1, -1)}
-    t, sign = min(candidates, key=lambda k: (candidates[k]["rotation_deg"]["median"], candidates[k]["shift_px"]["median"]))
-    found = (rots.transpose(0, 2, 1) if t else rots, sign * trans)
-    return {"base_rotations": args.base_rotations, "rotations_transposed": t, "shift_sign": sign,
+    return {"base_rotations": args.base_rotations, "rotations_transposed": transposed, "shift_sign": sign,
             "latent": latent_metrics(z, hinge["gt"]), **hinge_quality(found, vols, hinge, args.D),
             "seconds_per_epoch": cryodrgn_epoch_seconds(cd / "run.log")}
 
@@ -688,6 +691,18 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+def hinge_table_row(label: str, v: dict) -> str:
+    """One row of the hinge table: pose errors (plain, modulo the mirror), PC1 |Spearman|, the
+    per-image FSC AUC (mismatched baseline) and seconds per epoch."""
+    rot = v.get("poses", {}).get("rotation_deg")
+    rot = f"{rot['median']:.1f} / {rot['p90']:.1f}" if rot else "(true)"
+    mirror = v.get("poses_by_subunit", {}).get("all_mirror_modulo")
+    mirror = f"{mirror['median']:.1f} / {mirror['p90']:.1f}" if mirror else ""
+    f = v["fsc_auc"]
+    return (f"| {label} | {rot} | {mirror} | {v['latent']['pc1_abs_spearman_c']:.3f} | {f['matched']['median']:.3f} "
+            f"({f['mismatched']['median']:.3f}) | {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])} |")
+
+
 def print_table(results: dict) -> None:
     if "refine" in results:
         r = results["refine"]
@@ -743,23 +758,12 @@ def print_table(results: dict) -> None:
               "PC1 abs Spearman | per-image FSC AUC (mismatched) | s per epoch |")
         print("|---|---|---|---|---|---|")
         for label, v in results["hinge"].items():
-            rot = v.get("poses", {}).get("rotation_deg")
-            rot = f"{rot['median']:.1f} / {rot['p90']:.1f}" if rot else "(true)"
-            mirror = v.get("poses_by_subunit", {}).get("all_mirror_modulo")
-            mirror = f"{mirror['median']:.1f} / {mirror['p90']:.1f}" if mirror else ""
-            f = v["fsc_auc"]
-            print(f"| {label} | {rot} | {mirror} | {v['latent']['pc1_abs_spearman_c']:.3f} | {f['matched']['median']:.3f} "
-                  f"({f['mismatched']['median']:.3f}) | {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])} |")
+            print(hinge_table_row(label, v))
             for k, c in enumerate(v.get("classes", [])):
                 print(f"|   class {k}: {c['images']} images, {c['with_subunit'] or 0:.0%} with the subunit, "
                       f"mean c {c['mean_c'] or 0:.2f} | | | | | |")
     if "hinge-versus-cryodrgn" in results:
-        v = results["hinge-versus-cryodrgn"]
-        rot, mirror, f = v["poses"]["rotation_deg"], v["poses_by_subunit"]["all_mirror_modulo"], v["fsc_auc"]
-        print(f"\ncryoDRGN abinit on the hinge: rotation error {rot['median']:.1f} / {rot['p90']:.1f} deg "
-              f"({mirror['median']:.1f} / {mirror['p90']:.1f} modulo the mirror), PC1 abs Spearman "
-              f"{v['latent']['pc1_abs_spearman_c']:.3f}, per-image FSC AUC {f['matched']['median']:.3f} "
-              f"({f['mismatched']['median']:.3f}); s per epoch {', '.join(f'{s:.0f}' for s in v['seconds_per_epoch'])}")
+        print("\n(hinge) " + hinge_table_row("cryoDRGN 4.3.1 abinit", results["hinge-versus-cryodrgn"]))
     if "search-cost" in results:
         print("\n| D | zdim | keep | base rotations | images per batch | s per batch | images/s | support prior s |")
         print("|---|---|---|---|---|---|---|---|")

@@ -162,3 +162,26 @@ def test_hinge_errors_count_the_mirror_pose_of_a_mirror_symmetric_particle_as_fo
     assert errs["with_subunit"]["median"] < 1e-6
     assert errs["without_subunit"]["median"] > 30  # F R F is far from R for most R
     assert errs["without_subunit_mirror_modulo"]["p90"] < 1e-6 and errs["all_mirror_modulo"]["under_10"] == 1.0
+
+
+def test_cryodrgn_abinit_poses_are_read_in_the_convention_that_fits_the_truth(tmp_path):
+    """benchmarks/abinit.py's cryoDRGN cases: a pose.N.pkl with transposed rotations and shifts
+    in pixels of the other sign reads back as the true poses, with that convention reported."""
+    import pickle
+
+    import torch
+
+    from distdrgn.so3_grid import so3_exp
+
+    abinit = load_script("abinit")
+    rng = np.random.default_rng(1)
+    D, n = 24, 300
+    rots = so3_exp(torch.from_numpy(rng.normal(size=(n, 3)) * 2)).float().numpy()
+    trans = (rng.normal(size=(n, 2)) * 2 / D).astype(np.float32)  # box fractions, ~2 px
+    with open(tmp_path / "pose.6.pkl", "wb") as f:
+        pickle.dump((rots.transpose(0, 2, 1), -trans * D), f)
+    (found_rots, found_trans), transposed, sign = abinit.cryodrgn_abinit_poses(tmp_path / "pose.6.pkl",
+                                                                                (rots, trans), D)
+    assert transposed and sign == -1
+    np.testing.assert_allclose(found_rots, rots, atol=1e-6)
+    np.testing.assert_allclose(found_trans, trans, atol=1e-6)
